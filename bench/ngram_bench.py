@@ -1,0 +1,217 @@
+"""Throughput of ngram_mixer.NgramTables (extend and lookup, all orders) against a plain numpy reference.
+
+Run:  python bench/ngram_bench.py [--device cuda] [--tokens N]
+
+Reads the sample val shard from ../shared/data beside the repo (or $SAMPLE_DATA_DIR), repeated if --tokens asks
+for more. On CPU: extend and lookup of --tokens tokens (default 1M) next to numpy (np.unique on the same keys,
+np.searchsorted), whose arrays and counts must equal ours. With --device cuda also: one extend of 100M tokens,
+32K-token extends into that table (the eval cache's pattern), and a lookup of 1M positions x all orders with the
+Triton kernel and the torch path (median of triton.testing.do_bench), which must agree exactly.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import ngram_mixer as nm  # noqa: E402
+
+DATA = Path(os.environ.get("SAMPLE_DATA_DIR", REPO.parent / "shared" / "data"))
+VAL_SHARD = DATA / "datasets" / "fineweb_sp1024_sample" / "fineweb_val_000000.bin"
+VOCAB, ORDERS = 1024, (2, 3, 4, 5, 6, 7)
+
+
+def load_tokens(n):
+    raw = np.fromfile(VAL_SHARD, dtype="<u2", offset=256 * 4).astype(np.int64)
+    return np.tile(raw, -(-n // raw.size))[:n]
+
+
+def numpy_pair_keys(tokens, n):
+    """Pair keys of the n-grams ending at t = n-1 .. N-1, by the module's key rule written independently in
+    numpy uint64 (wrapping, logical shifts), so equal arrays cross-check the torch key code."""
+    count = tokens.size - n + 1
+    if n * nm._bits(VOCAB) <= 63:
+        key = np.zeros(count, dtype=np.int64)
+        for i in range(n):
+            key = key * VOCAB + tokens[i:i + count]
+        return key
+    u, bits = tokens.astype(np.uint64), nm._bits(VOCAB)
+    chain, word, in_word = np.zeros(count, dtype=np.uint64), np.zeros(count, dtype=np.uint64), 0
+    for j in range(1, n):
+        word = word + u[n - 1 - j:n - 1 - j + count] * np.uint64(VOCAB**in_word)
+        in_word += 1
+        if in_word == 63 // bits or j == n - 1:
+            h = chain + word + np.uint64(nm._GAMMA % 2**64)
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(nm._MIX1 % 2**64)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(nm._MIX2 % 2**64)
+            chain, word, in_word = h ^ (h >> np.uint64(31)), np.zeros_like(word), 0
+    ctx = (chain & np.uint64((1 << (63 - bits)) - 1)).astype(np.int64)
+    return ctx * VOCAB + tokens[n - 1:]
+
+
+def numpy_extend(tokens):
+    tables = {}
+    for n in ORDERS:
+        keys, counts = np.unique(numpy_pair_keys(tokens, n), return_counts=True)
+        tables[n] = keys, np.concatenate([[0], np.cumsum(counts)])
+    return tables
+
+
+def numpy_lookup(tables, tokens):
+    out = {}
+    for n in ORDERS:
+        keys, cum = tables[n]
+        query = numpy_pair_keys(tokens, n)
+        base = query - tokens[n - 1:]
+        lo = np.searchsorted(keys, base)
+        hi = np.searchsorted(keys, base + VOCAB - 1, side="right")
+        at = np.searchsorted(keys, query)
+        hit = keys[np.minimum(at, keys.size - 1)] == query
+        out[n] = cum[hi] - cum[lo], cum[at + hit] - cum[at]
+    return out
+
+
+def timed(fn, device):
+    """Wall time of one call (synchronizing CUDA) and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def race(fns, device, repeat=7):
+    """Best time of each function over `repeat` alternating rounds (so load drift hits all alike), last results."""
+    best, results = [float("inf")] * len(fns), [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            seconds, results[i] = timed(fn, device)
+            best[i] = min(best[i], seconds)
+    return best, results
+
+
+def bench_cpu(n_tokens, rows):
+    cpu = torch.device("cpu")
+    tokens = load_tokens(n_tokens)
+    stream = torch.from_numpy(tokens)
+    positions = torch.arange(n_tokens)
+
+    def ours_extend():
+        tables = nm.NgramTables(VOCAB, ORDERS)
+        tables.extend(stream)
+        return tables
+
+    (t_ours, t_ref), (tables, ref) = race([ours_extend, lambda: numpy_extend(tokens)], cpu)
+    for n in ORDERS:
+        assert np.array_equal(tables.pair_keys[n].numpy(), ref[n][0]), f"keys differ at order {n}"
+        assert np.array_equal(tables.cum_counts[n].numpy(), ref[n][1]), f"counts differ at order {n}"
+    rows.append(("cpu extend, tokens/s", n_tokens / t_ours, n_tokens / t_ref))
+
+    chunk = 32768
+
+    def chunked_extend():
+        chunked = nm.NgramTables(VOCAB, ORDERS)
+        for start in range(0, n_tokens, chunk):
+            chunked.extend(stream[start:start + chunk])
+        return chunked
+
+    t_chunked, chunked = timed(chunked_extend, cpu)
+    assert torch.equal(chunked.keys, tables.keys) and torch.equal(chunked.cum, tables.cum)
+    rows.append((f"cpu extend in {chunk}-token chunks, tokens/s", n_tokens / t_chunked, None))
+
+    (t_ours, t_ref), ((ctx, pair), ref_counts) = race([lambda: tables.lookup(stream, positions),
+                                                        lambda: numpy_lookup(ref, tokens)], cpu)
+    for k, n in enumerate(ORDERS):
+        assert np.array_equal(ctx[k, n - 1:].numpy(), ref_counts[n][0]), f"context counts differ at order {n}"
+        assert np.array_equal(pair[k, n - 1:].numpy(), ref_counts[n][1]), f"pair counts differ at order {n}"
+    lookups = n_tokens * len(ORDERS)
+    rows.append(("cpu lookup, positions x orders/s", lookups / t_ours, lookups / t_ref))
+    distinct = tables.keys.numel()
+    rows.append(("distinct n-grams (all orders)", distinct, None))
+    rows.append(("bytes per distinct n-gram", tables.nbytes() / distinct, None))
+    print(f"cpu: {n_tokens:,} tokens, hashed orders {tables.hashed_orders}, threads {torch.get_num_threads()}")
+
+
+def bench_cuda_lookup(tables, label, rows):
+    """Median time of a 1M-position lookup (all orders) with each backend, and of the kernel alone."""
+    from triton.testing import do_bench
+
+    stream = torch.from_numpy(load_tokens(1_000_000)).to(tables.device)
+    positions = torch.arange(stream.numel(), device=tables.device)
+    results, times = {}, {}
+    for backend in ("triton", "torch"):
+        tables.backend = backend
+        results[backend] = tables.lookup(stream, positions)
+        times[backend] = do_bench(lambda: tables.lookup(stream, positions), return_mode="median")
+    assert all(torch.equal(a, b) for a, b in zip(results["triton"], results["torch"])), "triton != torch"
+    assert results["torch"][1].sum() > 0
+    rows.append((f"cuda lookup 1M x 6 orders, {label}, ms: triton | torch", times["triton"], times["torch"]))
+    columns = nm._columns(stream, positions, max(ORDERS))
+    base = torch.stack(list(nm._context_keys(columns, VOCAB, ORDERS))) * VOCAB
+    kernel_ms = do_bench(lambda: nm._lookup_triton(tables.keys, tables.cum, tables.key_offsets, base, stream, VOCAB),
+                         return_mode="median")
+    rows.append((f"cuda lookup kernel alone, {label}, ms", kernel_ms, None))
+
+
+def bench_cuda(rows):
+    cuda = torch.device("cuda")
+    big = torch.from_numpy(load_tokens(100_000_000)).to(cuda)
+    warm = nm.NgramTables(VOCAB, ORDERS, device=cuda)
+    warm.extend(big[:1_000_000])
+    warm.lookup(big[:100_000], torch.arange(100_000, device=cuda))
+
+    def one_extend():
+        tables = nm.NgramTables(VOCAB, ORDERS, device=cuda)
+        tables.extend(big)
+        return tables
+
+    (t_ext,), (tables,) = race([one_extend], cuda, repeat=2)
+    rows.append(("cuda extend 100M tokens (sample repeated), s (target <= 2)", t_ext, None))
+    rows.append(("  distinct n-grams in that table", tables.keys.numel(), None))
+    bench_cuda_lookup(tables, "sample table", rows)
+    del tables
+
+    # an eval-cache-sized table: 12M uniform random tokens give ~60M distinct n-grams (eval ends near 62M tokens)
+    eval_tables = nm.NgramTables(VOCAB, ORDERS, device=cuda)
+    generator = torch.Generator(cuda).manual_seed(0)
+    eval_tables.extend(torch.randint(0, VOCAB, (12_000_000,), device=cuda, generator=generator))
+    rows.append(("  distinct n-grams in the eval-sized table", eval_tables.keys.numel(), None))
+    chunk, steps = 32768, 20
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps):
+        eval_tables.extend(big[i * chunk:(i + 1) * chunk])
+    torch.cuda.synchronize()
+    per_extend_ms = (time.perf_counter() - start) / steps * 1e3
+    rows.append((f"cuda extend of {chunk} tokens into the eval-sized table, ms", per_extend_ms, None))
+    bench_cuda_lookup(eval_tables, "eval-sized table", rows)
+    print(f"cuda: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="tokens for the CPU comparison")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (numpy's reference uses one)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    bench_cpu(args.tokens, rows)
+    if args.device == "cuda":
+        bench_cuda(rows)
+    print(f"\n{'figure':66s} {'ours':>14s} {'numpy ref':>14s} {'ours/ref':>9s}")
+    for name, ours, ref in rows:
+        ratio = f"{ours / ref:9.2f}" if ref is not None and "/s" in name else ""
+        ref_text = f"{ref:14,.2f}" if ref is not None else ""
+        print(f"{name:66s} {ours:14,.2f} {ref_text:>14s} {ratio}")
+
+
+if __name__ == "__main__":
+    main()

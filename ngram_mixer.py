@@ -1,0 +1,482 @@
+"""Exact, normalized n-gram experts (orders 2..7 by default) for the neural / n-gram mixer.
+
+Tests:      python -m pytest -q tests/test_ngram_mixer.py
+Benchmark:  python bench/ngram_bench.py [--device cuda] [--tokens N]
+
+Mixture. At position t, with the neural distribution q_t and gate logits g_t computed from the prefix only,
+    p_t(v) = w0 * q_t(v) + sum_k w_k * c_k(ctx_k, v) / c_k(ctx_k),
+    w = softmax(g_t) over the neural slot and the experts whose context count c_k(ctx_k) > 0 (others get 0),
+    then w0 <- max(w0, neural_floor) and the experts' share is rescaled to 1 - w0.
+Every valid expert is a full distribution over the vocabulary (below), so p_t sums to 1 whatever the gate says,
+and a floor > 0 keeps every token's probability > 0. mixture_weights() is the one place the weights are made.
+
+Causality. A table holds only tokens already scored: the eval cache starts empty and extend(chunk) runs after
+the chunk has been scored. Training the gate on frozen tables of the training stream uses leave-one-out counts
+(lookup(..., exclude_self=...)) so a position never sees its own occurrence. A lookup at t reads the context
+stream[t-n+1:t]; stream[t] only picks which of that context's counts is returned.
+
+Normalization. Per order n the table is ONE sorted array of distinct pair keys ctx_key * V + v (the token v kept
+exact) and a running count array cum, with count(pair_keys[i]) = cum[i+1] - cum[i]. The pairs of one context fill
+the key range [ctx_key*V, ctx_key*V + V), so its context count is read as cum[hi] - cum[lo] over that range: it IS
+the sum of its pair counts, and sum_v c(ctx, v) / c(ctx) = 1 by construction. There is no separate context table
+that could disagree (PR #834 kept one; its scores sum to hundreds over the vocabulary, see bucketed_score_mass).
+
+Keys. b = ceil(log2 V). If n*b <= 63 the context key packs the n-1 ids exactly (base V, oldest id most
+significant), so a pair key is the base-V number of the n-gram. Otherwise the ids are packed into words of
+floor(63/b) ids, the words are chained through the splitmix64 finalizer (int64 wraparound arithmetic), and the
+result is reduced to 63-b bits so pair keys stay non-negative int64. V=1024 packs orders 2-6 and hashes 7
+(53-bit keys); V=8192 packs 2-4 (4*13 = 52 <= 63, 5*13 = 65 > 63) and hashes 5-7 (50-bit keys). A collision merges
+two contexts' statistics into one distribution, which is still normalized. With D distinct contexts the expected
+number of colliding pairs is D^2 / 2^(bits+1): 0.21 at D = 62M for 53 bits, 1.7 for 50 bits.
+
+Layout and memory. keys: int64 [sum_n U_n], the orders' sorted pair keys concatenated; cum: int64
+[sum_n (U_n + 1)], each order's running counts starting at 0. pair_keys[n] and cum_counts[n] are views into them,
+so one Triton launch serves all orders. 16 bytes per distinct n-gram (+ 8 per order); of the token stream only
+the last max_order-1 tokens (the next extend's contexts) and the token count are kept. extend() sorts the chunk's
+pair keys (CUB radix sort on CUDA, numpy's sort on CPU, counting for order 2 of long chunks), adds the counts of
+keys already present with index_add_, and merges the new keys in one pass (searchsorted + index_copy_), so many
+small extends cost O(table) each and give byte-identical arrays to one extend of the concatenation. A lookup is
+three binary searches per (order, position): lower bound of ctx_key*V, upper bound of ctx_key*V + V-1, and lower
+bound of the pair key.
+"""
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path serves CPU and installs without triton
+    triton = None
+
+# splitmix64 constants as signed int64: torch has no uint64 arithmetic, and int64 products wrap like uint64 ones
+_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+# Positions per program and warps of _ngram_lookup_kernel, tuned on an H100 (torch 2.11, triton 3.6) for 1M
+# positions x 6 orders on a 61M-n-gram table: 0.76 ms, vs 0.83 at 128/4 and 1.22 at 256/4.
+LOOKUP_BLOCK = 64
+LOOKUP_WARPS = 1
+
+
+def _shr(x, s):
+    # logical right shift: torch's >> on int64 is arithmetic, so mask off the copied sign bits
+    return (x >> s).bitwise_and_((1 << (64 - s)) - 1)
+
+
+def _mix64(x):
+    # splitmix64 finalizer (a bijection of 64-bit words); in place after the first op, which leaves x untouched
+    x = x ^ _shr(x, 30)
+    x *= _MIX1
+    x ^= _shr(x, 27)
+    x *= _MIX2
+    x ^= _shr(x, 31)
+    return x
+
+
+def _bits(vocab_size):
+    return (vocab_size - 1).bit_length()
+
+
+def _context_keys(columns, vocab_size, orders):
+    """Yield, for each n in `orders`, the context keys [P] int64 in [0, 2^(63-b)) of P positions.
+
+    columns: iterable of [P] int64; the j-th (j = 1, 2, ...) holds the ids j steps before each position. Orders
+    with n*b <= 63 pack their n-1 ids exactly (newest least significant). Longer contexts are cut into words of
+    floor(63/b) packed ids, chained through splitmix64 (h <- mix(h + word + gamma), a bijection for fixed h),
+    the partial last word included, and masked to 63-b bits.
+    """
+    bits = _bits(vocab_size)
+    per_word = 63 // bits
+    chain, word, in_word = 0, 0, 0
+    for j, ids in zip(range(1, orders[-1]), columns):
+        word = ids if in_word == 0 else torch.add(word, ids, alpha=vocab_size**in_word)
+        in_word += 1
+        mixed = None
+        if j + 1 in orders:
+            if j < per_word:
+                yield word
+            else:
+                mixed = _mix64(word + (chain + _GAMMA))
+                yield mixed & ((1 << (63 - bits)) - 1)
+        if in_word == per_word and j + 1 < orders[-1]:
+            chain = _mix64(word + (chain + _GAMMA)) if mixed is None else mixed
+            word, in_word = 0, 0
+
+
+def _columns(stream, positions, max_order):
+    # ids 1 .. max_order-1 steps before each position, clamped at the stream start (callers mask t < n-1)
+    return (stream[(positions - j).clamp_(min=0)] for j in range(1, max_order))
+
+
+def _unique_counts(x, key_range):
+    """Sorted distinct values [U] int64 and their counts [U] int64 of x: [N] int64 in [0, key_range).
+
+    x is the caller's temporary: on CPU it is sorted in place."""
+    if x.numel() == 0:
+        return x, x
+    if key_range <= 4 * x.numel():
+        # small key space (order 2 of a long chunk): counting, O(N + key_range), beats sorting
+        counts = torch.bincount(x, minlength=key_range)
+        values = counts.nonzero()[:, 0]
+        return values, counts[values]
+    if x.device.type == "cpu":
+        # numpy's vectorized sort is ~2x faster than torch.sort on CPU, and torch.unique ~5x slower than both
+        # (torch 2.13, numpy 2.4)
+        array = x.numpy()
+        array.sort()
+        starts = np.flatnonzero(np.concatenate(([True], array[1:] != array[:-1])))
+        return torch.from_numpy(array[starts]), torch.from_numpy(np.diff(starts, append=array.size))
+    return torch.unique(x, sorted=True, return_counts=True)
+
+
+def _searchsorted(keys, values, right=False):
+    """torch.searchsorted of values (any shape) in sorted 1-D keys, all int64."""
+    if keys.device.type == "cpu":
+        # numpy's binary search is 1.6x-4.6x faster than torch's on CPU (2-core box; H100 host)
+        side = "right" if right else "left"
+        return torch.from_numpy(np.searchsorted(keys.numpy(), values.numpy(), side=side))
+    return torch.searchsorted(keys, values, right=right)
+
+
+def _merge_counts(keys, counts, new_keys, new_counts):
+    """Merge sorted distinct new_keys [N] (counts [N]) into sorted distinct keys [M] (counts [M]); all int64.
+
+    Returns the merged sorted distinct keys [M + I] and counts [M + I], I = number of keys not yet present.
+    `counts` is updated in place.
+    """
+    m = keys.numel()
+    if m == 0:
+        return new_keys, new_counts
+    at = _searchsorted(keys, new_keys)
+    found = keys[at.clamp(max=m - 1)] == new_keys
+    counts = counts.index_add_(0, at[found], new_counts[found])
+    fresh = ~found
+    ins_at, ins_keys, ins_counts = at[fresh], new_keys[fresh], new_counts[fresh]
+    # old entry j moves up by the number of inserts that sort before it; insert i by the i inserts before it
+    old_dest = torch.arange(m, device=keys.device) + torch.bincount(ins_at, minlength=m + 1)[:m].cumsum(0)
+    new_dest = ins_at + torch.arange(ins_at.numel(), device=keys.device)
+    total = m + ins_at.numel()
+    out_keys = keys.new_empty(total).index_copy_(0, old_dest, keys).index_copy_(0, new_dest, ins_keys)
+    out_counts = counts.new_empty(total).index_copy_(0, old_dest, counts).index_copy_(0, new_dest, ins_counts)
+    return out_keys, out_counts
+
+
+def _as_ids(x, name, limit, device):
+    """Check x is a 1-D integer tensor with values in [0, limit); return it as int64 on `device`."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
+    x = x.to(device=device, dtype=torch.int64)
+    if x.numel():
+        # one device sync for both bounds; the offending index is only searched for on error
+        lo, hi = torch.stack(torch.aminmax(x)).tolist()
+        if lo < 0 or hi >= limit:
+            bad = lo if lo < 0 else hi
+            index = int((x == bad).nonzero()[0, 0])
+            raise ValueError(f"{name}[{index}] = {bad} is outside [0, {limit})")
+    return x
+
+
+class NgramTables:
+    """Exact count tables for the given n-gram orders over a token stream that grows by extend()."""
+
+    def __init__(self, vocab_size: int, orders=(2, 3, 4, 5, 6, 7), device=None, backend: str = "auto"):
+        """vocab_size: V, ids are in [0, V). orders: sorted distinct ints >= 2. device: where the tables live
+        (default CPU). backend: lookup engine, "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch"
+        (torch.searchsorted), or "auto" = triton on CUDA when importable, else torch."""
+        orders = tuple(orders)
+        if not isinstance(vocab_size, int) or not 2 <= vocab_size <= 2**31:
+            raise ValueError(f"vocab_size must be an int in [2, 2^31], got {vocab_size!r}")
+        if not orders or any(type(n) is not int or n < 2 for n in orders) or list(orders) != sorted(set(orders)):
+            raise ValueError(f"orders must be sorted distinct ints >= 2, got {orders!r}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend == "triton" and triton is None:
+            raise RuntimeError("backend='triton' needs triton installed")
+        self.vocab_size, self.orders, self.max_order = vocab_size, orders, orders[-1]
+        self.device = torch.device("cpu" if device is None else device)
+        if backend == "auto":
+            backend = "triton" if triton is not None and self.device.type == "cuda" else "torch"
+        self.backend = backend
+        # orders whose context keys are hashed; the others pack the context exactly
+        self.hashed_orders = tuple(n for n in orders if n * _bits(vocab_size) > 63)
+        self._key_range = {n: 2**63 if n in self.hashed_orders else vocab_size**n for n in orders}
+        self.num_tokens = 0
+        self._tail = torch.zeros(0, dtype=torch.int64, device=self.device)
+        empty = [self._tail] * len(orders)
+        self._store(empty, empty)
+
+    def _store(self, keys, counts):
+        # keys / counts: per order, sorted distinct pair keys [U_n] and their counts [U_n], int64.
+        # Flat arrays let one Triton launch serve all orders; the per-order views cost nothing.
+        self.keys = torch.cat(keys)
+        starts = np.concatenate([[0], np.cumsum([k.numel() for k in keys])]).tolist()
+        self.cum = torch.empty(starts[-1] + len(keys), dtype=torch.int64, device=self.device)
+        for k, c in enumerate(counts):
+            self.cum[starts[k] + k] = 0
+            torch.cumsum(c, 0, out=self.cum[starts[k] + k + 1:starts[k + 1] + k + 1])
+        self.key_offsets = torch.tensor(starts, dtype=torch.int64, device=self.device)
+        self.pair_keys = {n: self.keys[starts[k]:starts[k + 1]] for k, n in enumerate(self.orders)}
+        self.cum_counts = {n: self.cum[starts[k] + k:starts[k + 1] + k + 1] for k, n in enumerate(self.orders)}
+
+    def extend(self, tokens: torch.Tensor) -> None:
+        """Count every n-gram that ends inside tokens ([N] int, ids in [0, V)); contexts reach back into
+        earlier extends. Chunked extends give the same arrays as one extend of the concatenation."""
+        tokens = _as_ids(tokens, "tokens", self.vocab_size, self.device)
+        if tokens.numel() == 0:
+            return
+        # left-pad the kept tail to max_order-1 ids so that every context column is a slice (no gather)
+        pad = self.max_order - 1 - self._tail.numel()
+        stream = torch.cat([self._tail.new_zeros(pad), self._tail, tokens])
+        start, end = self.max_order - 1, stream.numel()
+        columns = (stream[start - j:end - j] for j in range(1, self.max_order))
+        keys, counts = [], []
+        for n, ctx in zip(self.orders, _context_keys(columns, self.vocab_size, self.orders)):
+            # only n-grams that start at or after the first token ever seen (not in the padding)
+            first = max(0, n - 1 - self._tail.numel())
+            pair_keys = torch.add(tokens[first:], ctx[first:], alpha=self.vocab_size)
+            new_keys, new_counts = _unique_counts(pair_keys, self._key_range[n])
+            # counts live only as running sums; the merge works on plain counts and _store re-sums them
+            old_counts = self.cum_counts[n].diff()
+            merged = _merge_counts(self.pair_keys[n], old_counts, new_keys, new_counts)
+            keys.append(merged[0])
+            counts.append(merged[1])
+        self._store(keys, counts)
+        self._tail = stream[-(self.max_order - 1):].clone()
+        self.num_tokens += tokens.numel()
+
+    def lookup(self, stream: torch.Tensor, positions: torch.Tensor, exclude_self=False):
+        """Counts of every order at every position.
+
+        stream: [L] int, ids in [0, V); positions: [P] int in [0, L). For order n (row k) and t = positions[p]:
+        context = stream[t-n+1:t], token = stream[t]; t < n-1 gives (0, 0). exclude_self: bool, or bool tensor
+        broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is subtracted from both
+        counts (leave-one-out, for streams extended into the table); ValueError if it is not in the table.
+        Returns (context_count, pair_count), int64 [K, P], context_count = sum over tokens of pair_count.
+        """
+        stream = _as_ids(stream, "stream", self.vocab_size, self.device)
+        positions = _as_ids(positions, "positions", stream.numel(), self.device)
+        orders = torch.tensor(self.orders, device=self.device)[:, None]
+        valid = positions >= orders - 1
+        # keys are computed here for both backends, so the hashing exists in one place
+        columns = _columns(stream, positions, self.max_order)
+        base = torch.stack(list(_context_keys(columns, self.vocab_size, self.orders))).mul_(self.vocab_size)
+        tokens = stream[positions]
+        if self.backend == "triton" and positions.numel() and self.keys.numel():
+            ctx, pair = _lookup_triton(self.keys, self.cum, self.key_offsets, base, tokens, self.vocab_size)
+        else:
+            ctx, pair = self._lookup_torch(base, tokens)
+        ctx.masked_fill_(~valid, 0)
+        pair.masked_fill_(~valid, 0)
+        if exclude_self is False:
+            return ctx, pair
+        drop = torch.as_tensor(exclude_self, dtype=torch.bool, device=self.device)
+        try:
+            drop = drop.expand(len(self.orders), positions.numel())
+        except RuntimeError:
+            raise ValueError(f"exclude_self of shape {tuple(drop.shape)} does not broadcast to "
+                             f"[{len(self.orders)}, {positions.numel()}]") from None
+        drop = (drop & valid).long()
+        ctx, pair = ctx - drop, pair - drop
+        missing = (pair < 0).nonzero()
+        if missing.numel():
+            k, p = missing[0].tolist()
+            raise ValueError(f"exclude_self at order {self.orders[k]}, position {int(positions[p])}: "
+                             "that n-gram is not in the table")
+        return ctx, pair
+
+    def _lookup_torch(self, base, tokens):
+        # base: [K, P] int64 context key * V; tokens: [P] int64. Returns (ctx, pair) int64 [K, P].
+        ctx, pair = torch.zeros_like(base), torch.zeros_like(base)
+        for k, n in enumerate(self.orders):
+            keys, cum = self.pair_keys[n], self.cum_counts[n]
+            if keys.numel() == 0:
+                continue
+            # sorted queries keep successive binary searches on cached paths: 3x faster on the 2-core CPU box,
+            # though ~1.3x slower on a 300 MB-L3 host where random searches stay in cache. Sorting by pair
+            # key sorts the context bases too.
+            query, perm = torch.sort(base[k] + tokens)
+            first = query - tokens[perm]
+            # upper bound of the context's last pair key: first + V itself can overflow int64 for hashed keys
+            lo = _searchsorted(keys, first)
+            hi = _searchsorted(keys, first + (self.vocab_size - 1), right=True)
+            at = _searchsorted(keys, query)
+            hit = keys[at.clamp(max=keys.numel() - 1)] == query
+            ctx[k, perm] = cum[hi] - cum[lo]
+            pair[k, perm] = cum[at + hit.long()] - cum[at]
+        return ctx, pair
+
+    def probs(self, stream: torch.Tensor, positions: torch.Tensor, exclude_self=False) -> torch.Tensor:
+        """pair_count / context_count as float32 [K, P], 0 where the context count is 0 (arguments as lookup)."""
+        ctx, pair = self.lookup(stream, positions, exclude_self)
+        # divide in float64 so that the float32 result is the correctly rounded ratio
+        return torch.where(ctx > 0, pair.double() / ctx.clamp(min=1).double(), 0.0).float()
+
+    def distribution(self, context: torch.Tensor) -> torch.Tensor:
+        """Next-token distributions after context ([L] int, ids in [0, V)), float64 [K, V]. Row k uses the last
+        n-1 ids for order n; it is all zeros if L < n-1 or that context was never seen, else it sums to 1."""
+        context = _as_ids(context, "context", self.vocab_size, self.device)
+        out = torch.zeros(len(self.orders), self.vocab_size, dtype=torch.float64, device=self.device)
+        if context.numel() == 0:
+            return out
+        columns = _columns(context, torch.tensor([context.numel()], device=self.device), self.max_order)
+        for k, (n, ctx) in enumerate(zip(self.orders, _context_keys(columns, self.vocab_size, self.orders))):
+            keys, cum = self.pair_keys[n], self.cum_counts[n]
+            if context.numel() < n - 1 or keys.numel() == 0:
+                continue
+            # the context's pairs are exactly the keys in [base, base + V), in token order
+            base = ctx * self.vocab_size
+            lo = int(_searchsorted(keys, base))
+            hi = int(_searchsorted(keys, base + (self.vocab_size - 1), right=True))
+            counts = (cum[lo + 1:hi + 1] - cum[lo:hi]).double()
+            out[k, keys[lo:hi] - base] = counts / counts.sum()
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the tables (keys, running counts, offsets, stream tail)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.cum, self.key_offsets, self._tail))
+
+
+if triton is not None:
+    @triton.jit
+    def _ngram_lookup_kernel(keys_ptr, cum_ptr, offsets_ptr, base_ptr, token_ptr, ctx_out_ptr, pair_out_ptr,
+                             n_pos, vocab_size, BLOCK: tl.constexpr):
+        # grid (cdiv(n_pos, BLOCK), K). Order k's keys are keys[offsets[k]:offsets[k+1]], its running counts
+        # cum[offsets[k]+k : offsets[k+1]+k+1] (one leading 0 per order).
+        order = tl.program_id(1)
+        p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        live = p < n_pos
+        seg = tl.load(offsets_ptr + order)
+        size = tl.load(offsets_ptr + order + 1) - seg
+        seg_keys = keys_ptr + seg
+        seg_cum = cum_ptr + seg + order
+        row = order.to(tl.int64) * n_pos + p
+        first = tl.load(base_ptr + row, mask=live, other=0)
+        last = first + (vocab_size - 1)
+        query = first + tl.load(token_ptr + p, mask=live, other=0)
+        # Three branchless lower/upper bounds sharing one trip count: the answer stays in [x, x + span] and
+        # span shrinks the same way in every lane. lo = #keys < first, hi = #keys <= last, at = #keys < query.
+        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        hi = lo
+        at = lo
+        span = size
+        while span > 1:
+            half = span // 2
+            # x + half < size while span > 1, so these loads stay inside the segment (dead lanes included)
+            lo = tl.where(tl.load(seg_keys + lo + half) < first, lo + half, lo)
+            hi = tl.where(tl.load(seg_keys + hi + half) <= last, hi + half, hi)
+            at = tl.where(tl.load(seg_keys + at + half) < query, at + half, at)
+            span -= half
+        # last step: each answer is x or x + 1; x < size unless the segment is empty (then x = 0 is the answer)
+        some = live & (lo < size)
+        lo += tl.where(some & (tl.load(seg_keys + lo, mask=some, other=0) < first), 1, 0)
+        hi += tl.where(some & (tl.load(seg_keys + hi, mask=some, other=0) <= last), 1, 0)
+        at += tl.where(some & (tl.load(seg_keys + at, mask=some, other=0) < query), 1, 0)
+        # the exact pair key is present iff the key at its lower bound equals it
+        found = live & (at < size)
+        hit = found & (tl.load(seg_keys + at, mask=found, other=0) == query)
+        ctx = tl.load(seg_cum + hi, mask=live, other=0) - tl.load(seg_cum + lo, mask=live, other=0)
+        below = tl.load(seg_cum + at, mask=live, other=0)
+        pair = tl.load(seg_cum + at + tl.where(hit, 1, 0), mask=live, other=0) - below
+        tl.store(ctx_out_ptr + row, ctx, mask=live)
+        tl.store(pair_out_ptr + row, pair, mask=live)
+
+
+def _lookup_triton(keys, cum, offsets, base, tokens, vocab_size):
+    """Launch _ngram_lookup_kernel. keys: [T], cum: [T + K], offsets: [K + 1], base: [K, P] (context key * V),
+    tokens: [P]; all int64, contiguous, on one device. Returns (ctx, pair) int64 [K, P]."""
+    assert triton is not None, "triton is not installed"
+    n_orders, n_pos = base.shape
+    for t in (keys, cum, offsets, base, tokens):
+        assert t.dtype == torch.int64 and t.is_contiguous() and t.device == base.device
+    assert offsets.shape == (n_orders + 1,) and tokens.shape == (n_pos,) and cum.numel() == keys.numel() + n_orders
+    ctx, pair = torch.empty_like(base), torch.empty_like(base)
+    grid = (triton.cdiv(n_pos, LOOKUP_BLOCK), n_orders)
+    _ngram_lookup_kernel[grid](keys, cum, offsets, base, tokens, ctx, pair, n_pos, vocab_size,
+                               BLOCK=LOOKUP_BLOCK, num_warps=LOOKUP_WARPS)
+    return ctx, pair
+
+
+def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neural_floor: float) -> torch.Tensor:
+    """Mixing weights float32 [P, 1+K] (column 0 neural), each row summing to 1.
+
+    gate_logits: [P, 1+K] float; expert_valid: [K, P] bool; neural_floor in [0, 1]. softmax over the neural slot
+    and the valid experts (invalid ones get weight 0), then w0 <- max(w0, neural_floor) with the experts' share
+    rescaled to 1 - w0. With no valid expert, w0 = 1.
+    """
+    if not 0.0 <= neural_floor <= 1.0:
+        raise ValueError(f"neural_floor must be in [0, 1], got {neural_floor}")
+    slots = torch.cat([expert_valid.new_ones(expert_valid.shape[1], 1), expert_valid.T], dim=1)
+    w = torch.softmax(gate_logits.float().masked_fill(~slots, float("-inf")), dim=1)
+    w0 = w[:, :1].clamp(min=neural_floor)
+    share = w[:, 1:].sum(dim=1, keepdim=True)
+    # a safe denominator inside where(): a bare 0/0 branch would put NaN into the backward pass
+    some = share > 0
+    scale = torch.where(some, (1 - w0) / torch.where(some, share, 1.0), 0.0)
+    return torch.cat([w0, w[:, 1:] * scale], dim=1)
+
+
+def mixture_logprob(neural_logits, targets, expert_probs, expert_valid, gate_logits, neural_floor: float):
+    """log p(target) of the mixture, float32 [P].
+
+    neural_logits: [P, V] float; targets: [P] int64; expert_probs: [K, P] float, p_k(target) in [0, 1] (ignored
+    where invalid); expert_valid: [K, P] bool (a valid expert's distribution must sum to 1);
+    gate_logits: [P, 1+K] float; neural_floor: float in [0, 1]. Gradients reach neural_logits and gate_logits.
+    """
+    w = mixture_weights(gate_logits, expert_valid, neural_floor)
+    # the neural term stays in log space: softmax(neural)[y] can underflow float32 where its log cannot
+    neural = torch.log_softmax(neural_logits.float(), dim=1).gather(1, targets[:, None])[:, 0]
+    # w0 is >= neural_floor; the clamp only keeps log() finite when the floor is 0 and w0 underflows
+    neural = neural + torch.log(w[:, 0].clamp(min=torch.finfo(torch.float32).tiny))
+    experts = (w[:, 1:] * torch.where(expert_valid, expert_probs.float(), 0.0).T).sum(dim=1)
+    some = experts > 0
+    log_experts = torch.where(some, torch.log(torch.where(some, experts, 1.0)), float("-inf"))
+    return torch.logaddexp(neural, log_experts)
+
+
+def mixture_distribution(neural_logits, expert_dists, expert_valid, gate_logits, neural_floor: float):
+    """The full mixture distribution, float64 [P, V], for audits (same weights as mixture_logprob).
+
+    neural_logits: [P, V] float; expert_dists: [K, P, V] float, rows summing to 1 (ignored where invalid); expert_valid:
+    [K, P] bool; gate_logits: [P, 1+K] float; neural_floor: float in [0, 1].
+    """
+    # float64, so that the audit's sum-to-1 check measures the mixture rather than rounding
+    w = mixture_weights(gate_logits, expert_valid, neural_floor).double()
+    neural = torch.softmax(neural_logits.float(), dim=1).double()
+    experts = torch.where(expert_valid[..., None], expert_dists.double(), 0.0)
+    return w[:, :1] * neural + torch.einsum("pk,kpv->pv", w[:, 1:], experts)
+
+
+def bucketed_score_mass(table_tokens, stream, positions, vocab_size: int, order: int, buckets: int = 1 << 20):
+    """The INVALID PR #834 score, reproduced for contrast only: never score with it.
+
+    Counts n-grams (n = order) of table_tokens ([N] int) in two separate tables of `buckets` counters,
+    ctx[hash(context) mod B] and pair[hash(context, token) mod B], and scores token v after a context as
+    min(pair, ctx) / ctx (0 where ctx is 0). stream: [L] int, positions: [P] int in [order-1, L).
+    Returns (mass, gold), float64 [P]: the score summed over all V tokens (a distribution would give 1; this
+    gives far more), and the score of the actual token stream[t], what that scheme would claim as p(y).
+    """
+    if buckets < 1 or buckets & (buckets - 1):
+        raise ValueError(f"buckets must be a power of two, got {buckets}")
+    table_tokens = _as_ids(table_tokens, "table_tokens", vocab_size, None)
+    stream = _as_ids(stream, "stream", vocab_size, table_tokens.device)
+    positions = _as_ids(positions, "positions", stream.numel(), stream.device)
+    if positions.numel() and int(positions.min()) < order - 1:
+        raise ValueError(f"positions must be >= order - 1 = {order - 1}, got {int(positions.min())}")
+    mask = buckets - 1
+    # as in PR #834: a pair bucket's count mixes unrelated (context, token) pairs, and nothing ties it to the
+    # context bucket, so min(pair, ctx) / ctx is not a distribution over tokens
+    counted = torch.arange(order - 1, table_tokens.numel(), device=table_tokens.device)
+    (ctx_key,) = _context_keys(_columns(table_tokens, counted, order), vocab_size, (order,))
+    ctx_table = torch.bincount(_mix64(ctx_key) & mask, minlength=buckets)
+    pair_table = torch.bincount(_mix64(ctx_key * vocab_size + table_tokens[counted]) & mask, minlength=buckets)
+    (ctx_key,) = _context_keys(_columns(stream, positions, order), vocab_size, (order,))
+    ctx = ctx_table[_mix64(ctx_key) & mask].double()[:, None]
+    candidates = ctx_key[:, None] * vocab_size + torch.arange(vocab_size, device=stream.device)
+    pair = pair_table[_mix64(candidates) & mask].double()
+    scores = torch.where(ctx > 0, torch.minimum(pair, ctx) / ctx.clamp(min=1), 0.0)
+    return scores.sum(dim=1), scores.gather(1, stream[positions][:, None])[:, 0]

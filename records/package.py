@@ -1,0 +1,427 @@
+r"""
+records/package.py: check the seed logs of train_gpt.py and package them as a challenge record folder.
+
+  python records/package.py logs/nm_seed1337.txt logs/nm_seed42.txt logs/nm_seed2025.txt \
+      --name NgramMixer --author "Jane Doe" --github-id janedoe --blurb "Exact n-gram mixer + TTT" \
+      --sota-val-loss 1.9200
+  python records/package.py logs/cpu_seed*.txt --name CpuDemo --author me --non-record --out-root /tmp/records
+
+run.sh calls it after its seeds. It writes records/track_10min_16mb/<YYYY-MM-DD>_<Name>/ (track_non_record_16mb/
+with --non-record): README.md, submission.json, train_seed<SEED>.log per seed, copies of train_gpt.py,
+ngram_mixer.py and requirements.txt from the repo root, and loss.png. It refuses (exit 1, each reason naming its
+log) when a log lacks its final exact line, an artifact exceeds 16,000,000 bytes, training or evaluation took over
+600 s (unless --non-record), the seeds ran different code or settings, the legality audit is missing or failed
+where the n-gram mixer ran, the repo's code is not the code the logs ran, or the destination already exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first: no display on servers)
+import scipy.stats  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CODE_FILES = ("train_gpt.py", "ngram_mixer.py")
+COPIED_FILES = CODE_FILES + ("requirements.txt",)
+ARTIFACT_CAP_BYTES = 16_000_000
+TIME_CAP_MS = 600_000.0
+AUDIT_TOLERANCE = 1e-4
+# Challenge rule: a new record beats the best by >= 0.005 nats with p < 0.01 over seeds.
+RECORD_MARGIN_NATS = 0.005
+RECORD_P_VALUE = 0.01
+
+# -----------------------------
+# LOG PARSING
+# -----------------------------
+# The log file starts with the trainer's own source, which holds these formats inside f-strings. Patterns are
+# anchored at the line start and every field must be a number, so only lines the trainer printed can match.
+
+NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+RE_RUN_ID = re.compile(r"^run_id:(\S+)$")
+RE_HPARAM = re.compile(r"^hparam (\w+):(.*)$")
+RE_HARDWARE = re.compile(r"^Running Python \S+, PyTorch \S+, (.+)$")
+RE_WORLD = re.compile(r"^world_size:(\d+) grad_accum_steps:\d+ device:\S+ torch:\S+ compile:(?:True|False)$")
+RE_CODE_SHA = re.compile(r"^code_sha256:([0-9a-f]{64})$")
+RE_TRAIN = re.compile(rf"^step:(\d+)/\d+ train_loss:{NUM} train_time:({NUM})ms step_avg:({NUM})ms(?: mix_nll:{NUM})?$")
+RE_VAL = re.compile(rf"^step:(\d+)/\d+ val_loss:{NUM} val_bpb:({NUM}) train_time:({NUM})ms step_avg:({NUM})ms$")
+RE_STOPPED = re.compile(r"^stopping_early: wallclock_cap train_time:\d+ms step:\d+/\d+$")
+RE_CODE_BYTES = re.compile(r"^Code size: (\d+) bytes$")
+RE_TOTAL_BYTES = re.compile(r"^Total submission size (\w+): (\d+) bytes$")
+RE_OVER_CAP = re.compile(r"^ARTIFACT_OVER_CAP total:\d+ cap:\d+$")
+RE_ROUNDTRIP = re.compile(rf"^final_\w+_roundtrip val_loss:{NUM} val_bpb:{NUM} eval_time:({NUM})ms$")
+RE_AUDIT = re.compile(rf"^legality_audit positions:(\d+) max_abs_sum_err:({NUM}) max_gold_err:({NUM})$")
+RE_AUDIT_FAILED = re.compile(r"^LEGALITY_AUDIT_FAILED")
+RE_EVAL_TOTAL = re.compile(rf"^eval_time (?:\w+:{NUM}ms )*total:({NUM})ms$")
+RE_EXACT = re.compile(rf"^(final_ngram_ttt_exact|final_\w+_roundtrip_exact) val_loss:({NUM}) val_bpb:({NUM})$")
+
+
+@dataclass
+class RunLog:
+    """What one train_gpt.py log says; a field is None (or empty) where the log lacks its line."""
+    path: Path
+    run_id: str | None = None
+    hparams: dict[str, str] = field(default_factory=dict)
+    hardware: str | None = None
+    world_size: int | None = None
+    code_sha256: str | None = None
+    steps: int | None = None
+    step_avg_ms: float | None = None
+    # train_time of the last step line; it includes the n-gram prefill.
+    train_time_ms: float | None = None
+    stopped_early: bool = False
+    # (train_time_ms, val_bpb) of every step:N val line.
+    val_curve: list[tuple[float, float]] = field(default_factory=list)
+    quant: str | None = None
+    bytes_code: int | None = None
+    bytes_total: int | None = None
+    over_cap: bool = False
+    # eval_time total (roundtrip + n-gram/TTT pass), else the roundtrip's eval_time.
+    eval_time_ms: float | None = None
+    # (positions, max_abs_sum_err, max_gold_err)
+    audit: tuple[int, float, float] | None = None
+    audit_failed: bool = False
+    # The score's exact line: final_ngram_ttt_exact when that pass ran, else final_<quant>_roundtrip_exact.
+    final_line: str | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+
+    @property
+    def seed(self) -> int | None:
+        return int(self.hparams["seed"]) if self.hparams.get("seed", "").isdigit() else None
+
+    @property
+    def mixer_ran(self) -> bool:
+        # Mirrors train_gpt.ngram_orders(): orders 2..NGRAM_MAX_ORDER when NGRAM=1.
+        return self.hparams.get("ngram") == "True" and int(self.hparams.get("ngram_max_order", 2)) >= 2
+
+    @property
+    def expects_ngram_ttt(self) -> bool:
+        return self.hparams.get("ngram") == "True" or self.hparams.get("ttt") == "True"
+
+
+def parse_text(text: str, path: Path) -> RunLog:
+    """Parse the lines of a train_gpt.py log (file or rank-0 stdout); later lines win."""
+    run = RunLog(Path(path))
+    exact: dict[str, tuple[float, float]] = {}
+    # step_avg is the last train line's; a val line's only stands in when train lines are off (TRAIN_LOG_EVERY=0).
+    last_train = None
+    for line in text.splitlines():
+        if m := RE_HPARAM.match(line):
+            run.hparams[m[1]] = m[2]
+        elif m := RE_TRAIN.match(line):
+            run.steps, run.train_time_ms, run.step_avg_ms = int(m[1]), float(m[2]), float(m[3])
+            last_train = run.step_avg_ms
+        elif m := RE_VAL.match(line):
+            run.steps, run.train_time_ms = int(m[1]), float(m[3])
+            run.step_avg_ms = last_train if last_train is not None else float(m[4])
+            run.val_curve.append((float(m[3]), float(m[2])))
+        elif m := RE_EXACT.match(line):
+            exact[m[1]] = (float(m[2]), float(m[3]))
+        elif m := RE_ROUNDTRIP.match(line):
+            run.eval_time_ms = float(m[1])
+        elif m := RE_EVAL_TOTAL.match(line):
+            run.eval_time_ms = float(m[1])
+        elif m := RE_TOTAL_BYTES.match(line):
+            run.quant, run.bytes_total = m[1], int(m[2])
+        elif m := RE_CODE_BYTES.match(line):
+            run.bytes_code = int(m[1])
+        elif m := RE_AUDIT.match(line):
+            run.audit = (int(m[1]), float(m[2]), float(m[3]))
+        elif m := RE_CODE_SHA.match(line):
+            run.code_sha256 = m[1]
+        elif m := RE_RUN_ID.match(line):
+            run.run_id = m[1]
+        elif m := RE_WORLD.match(line):
+            run.world_size = int(m[1])
+        elif m := RE_HARDWARE.match(line):
+            run.hardware = m[1]
+        else:
+            run.stopped_early |= bool(RE_STOPPED.match(line))
+            run.over_cap |= bool(RE_OVER_CAP.match(line))
+            run.audit_failed |= bool(RE_AUDIT_FAILED.match(line))
+    # The score is the n-gram/TTT pass whenever it ran; falling back to the roundtrip line for a run that died in
+    # that pass would report a score the submission does not have.
+    if run.expects_ngram_ttt or "final_ngram_ttt_exact" in exact:
+        run.final_line = "final_ngram_ttt_exact"
+    elif run.quant is not None:
+        run.final_line = f"final_{run.quant}_roundtrip_exact"
+    run.val_loss, run.val_bpb = exact.get(run.final_line, (None, None))
+    return run
+
+
+def parse_log(path: str | Path) -> RunLog:
+    return parse_text(Path(path).read_text(encoding="utf-8"), Path(path))
+
+
+# -----------------------------
+# CHECKS
+# -----------------------------
+
+def check_runs(runs: list[RunLog], non_record: bool) -> list[str]:
+    """Every reason these logs cannot form a record folder, each naming its log; empty when they can."""
+    problems = []
+    for run in runs:
+        def bad(reason: str) -> None:
+            problems.append(f"{run.path}: {reason}")
+
+        if run.seed is None:
+            bad("no 'hparam seed:' line (not a train_gpt.py log?)")
+        if run.code_sha256 is None:
+            bad("no code_sha256 line")
+        if run.val_loss is None:
+            bad(f"no final exact line ({run.final_line or 'final_..._exact'} val_loss:.. val_bpb:..): "
+                "the run did not finish")
+        if run.over_cap:
+            bad(f"ARTIFACT_OVER_CAP: the artifact exceeds {ARTIFACT_CAP_BYTES:,} bytes")
+        if run.bytes_total is None:
+            bad("no 'Total submission size' line")
+        elif run.bytes_total > ARTIFACT_CAP_BYTES:
+            bad(f"artifact total {run.bytes_total:,} bytes exceeds the cap of {ARTIFACT_CAP_BYTES:,}")
+        if run.train_time_ms is None:
+            bad("no step lines, so no training time (an EVAL_ARTIFACT-only run?)")
+        elif not non_record:
+            # The trainer checks the wallclock cap after each step, so a capped run overshoots by at most the
+            # step that crossed it (as in the challenge's own baseline logs); step_avg stands in for that step.
+            allowed = TIME_CAP_MS + (run.step_avg_ms or 0.0) * run.stopped_early
+            if run.train_time_ms > allowed:
+                bad(f"training took {run.train_time_ms / 1000:.3f} s > 600 s (use --non-record)")
+        if run.eval_time_ms is None:
+            if run.val_loss is not None:
+                bad("no evaluation time line")
+        elif not non_record and run.eval_time_ms > TIME_CAP_MS:
+            bad(f"evaluation took {run.eval_time_ms / 1000:.3f} s > 600 s (use --non-record)")
+        if run.mixer_ran:
+            if run.audit_failed:
+                bad("LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1 or does not match its score")
+            if run.audit is None:
+                bad("the n-gram mixer ran (hparam ngram:True) but there is no legality_audit line")
+            elif run.audit[0] <= 0 or max(run.audit[1:]) > AUDIT_TOLERANCE:
+                bad(f"legality audit failed: positions:{run.audit[0]} max_abs_sum_err:{run.audit[1]:.3e} "
+                    f"max_gold_err:{run.audit[2]:.3e} (tolerance {AUDIT_TOLERANCE:g})")
+
+    if len({run.code_sha256 for run in runs}) > 1:
+        problems += [f"{run.path}: seeds ran different code: code_sha256:{run.code_sha256}" for run in runs]
+    # A seed study varies the seed only; the run id names each log.
+    settings = [{k: v for k, v in run.hparams.items() if k not in ("seed", "run_id")} for run in runs]
+    for run, other in zip(runs[1:], settings[1:]):
+        diff = sorted(k for k in settings[0].keys() | other.keys() if settings[0].get(k) != other.get(k))
+        if diff:
+            problems.append(f"{run.path}: settings differ from {runs[0].path} in {', '.join(diff)}")
+    seeds = [run.seed for run in runs if run.seed is not None]
+    for seed in sorted({s for s in seeds if seeds.count(s) > 1}):
+        problems.append(f"seed {seed} appears twice: " + ", ".join(str(r.path) for r in runs if r.seed == seed))
+    return problems
+
+
+def repo_code_sha256() -> str:
+    """The trainer's code_sha256 of the code that would be copied: sha256 of train_gpt.py + ngram_mixer.py bytes."""
+    return hashlib.sha256(b"".join((REPO_ROOT / name).read_bytes() for name in CODE_FILES)).hexdigest()
+
+
+# -----------------------------
+# STATISTICS
+# -----------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1, as in the t-test); no deviation from one value."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def significance(losses: list[float], sota_val_loss: float) -> tuple[float, float]:
+    """One-sided one-sample t-test of H0: mean val_loss >= sota_val_loss - 0.005 nats.
+    Returns (t, p) with t = (sota - 0.005 - mean) / (std / sqrt(n)), positive when the seeds beat the margin."""
+    result = scipy.stats.ttest_1samp(losses, sota_val_loss - RECORD_MARGIN_NATS, alternative="less")
+    return -float(result.statistic), float(result.pvalue)
+
+
+def significance_statement(losses: list[float], sota_val_loss: float | None) -> str:
+    if sota_val_loss is None:
+        return "No comparison made: no --sota-val-loss was given."
+    if len(losses) < 2:
+        return f"Not tested against SOTA val_loss {sota_val_loss}: a t-test needs at least 2 seeds."
+    t, p = significance(losses, sota_val_loss)
+    verdict = "record" if p < RECORD_P_VALUE else "not significant"
+    return (f"{verdict} (p = {p:.3g}): one-sided t-test that the mean val_loss {statistics.mean(losses):.5f} "
+            f"is at least {RECORD_MARGIN_NATS} nats below the SOTA {sota_val_loss} (t = {t:.3f}, "
+            f"{len(losses) - 1} degrees of freedom; a record needs p < {RECORD_P_VALUE}).")
+
+
+# -----------------------------
+# RECORD FOLDER
+# -----------------------------
+
+def fmt_stat(values: list[float], spec: str) -> str:
+    mean, std = mean_std(values)
+    return format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
+
+
+def command_text(run: RunLog, seeds: list[int]) -> str:
+    """The logged settings as the environment of one torchrun line per seed, to run from inside the folder."""
+    def env_value(value: str) -> str:
+        # Booleans are logged as True/False but read back as bool(int(..)).
+        return {"True": "1", "False": "0"}.get(value, value)
+
+    env = [f"{name.upper()}={shlex.quote(env_value(value))}" for name, value in sorted(run.hparams.items())
+           if name not in ("seed", "run_id") and value != ""]
+    return (f"for SEED in {' '.join(map(str, seeds))}; do\n  "
+            + " \\\n  ".join(env + [f"SEED=$SEED RUN_ID=seed$SEED torchrun --standalone "
+                                    f"--nproc_per_node={run.world_size or 1} train_gpt.py"]) + "\ndone")
+
+
+def readme_text(runs: list[RunLog], args: argparse.Namespace, track: str) -> str:
+    first, losses, bpbs = runs[0], [r.val_loss for r in runs], [r.val_bpb for r in runs]
+    rows = [f"| {r.seed} | {r.val_loss:.8f} | {r.val_bpb:.8f} | {r.steps} | {r.step_avg_ms:.2f} ms | "
+            f"{r.train_time_ms / 1000:.1f} s | {r.eval_time_ms / 1000:.1f} s | {r.bytes_total:,} |" for r in runs]
+    means = [fmt_stat(losses, ".5f"), fmt_stat(bpbs, ".5f"), fmt_stat([r.steps for r in runs], ".0f"),
+             fmt_stat([r.step_avg_ms for r in runs], ".2f") + " ms",
+             fmt_stat([r.train_time_ms / 1000 for r in runs], ".1f") + " s",
+             fmt_stat([r.eval_time_ms / 1000 for r in runs], ".1f") + " s", f"max {max(r.bytes_total for r in runs):,}"]
+    rows.append("| mean ± std | " + " | ".join(means) + " |")
+    audits = [f"- seed {r.seed}: `legality_audit positions:{r.audit[0]} max_abs_sum_err:{r.audit[1]:.3e} "
+              f"max_gold_err:{r.audit[2]:.3e}`" for r in runs if r.mixer_ran]
+    byline = f"Author: {args.author}" + (f" (@{args.github_id})" if args.github_id else "")
+    what = (f"{len(runs)} seed(s) of `train_gpt.py` on {first.world_size} process(es) "
+            f"({first.hardware or 'hardware not logged'}); n-gram mixer {'on' if first.mixer_ran else 'off'}, "
+            f"TTT {'on' if first.hparams.get('ttt') == 'True' else 'off'}, {first.quant} artifact. "
+            f"The score is the `{first.final_line}` line of each log.")
+    lines = [
+        f"# {args.name}", "",
+        *([args.blurb, ""] if args.blurb else []),
+        f"{byline} · Date: {args.date} · Track: `{track}`", "",
+        what, "",
+        "## Result", "",
+        f"val_bpb **{fmt_stat(bpbs, '.5f')}**, val_loss {fmt_stat(losses, '.5f')} nats "
+        f"(mean ± sample std over {len(runs)} seeds).", "",
+        significance_statement(losses, args.sota_val_loss), "",
+        "| seed | val_loss | val_bpb | steps | step_avg | train time | eval time | artifact bytes |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows, "",
+        "Train time includes the n-gram prefill; eval time is the roundtrip eval plus the n-gram/TTT pass. "
+        f"Code: {first.bytes_code:,} bytes (train_gpt.py + ngram_mixer.py), code_sha256 `{first.code_sha256}`.", "",
+        *(["Legality audit (sampled scored distributions sum to 1 and match the score):", *audits, ""] * bool(audits)),
+        "![val_bpb against training time](loss.png)", "",
+        "## Command", "",
+        "Every hyperparameter as logged; run from inside this folder:", "",
+        "```bash", command_text(first, [r.seed for r in runs]), "```", "",
+        "## Files", "",
+        "- `train_seed<SEED>.log`: the trainer's logs (each starts with the source that ran)",
+        "- `train_gpt.py`, `ngram_mixer.py`, `requirements.txt`: the code and its dependencies",
+        "- `submission.json`: metadata; val_loss and val_bpb are seed means, bytes_total the largest over seeds",
+        "- `loss.png`: val_bpb against training time per seed; the star is the final score", "",
+    ]
+    return "\n".join(lines)
+
+
+def submission(runs: list[RunLog], args: argparse.Namespace) -> dict:
+    # The score is the seed mean; the largest artifact is the one that has to fit under the cap.
+    return dict(
+        author=args.author, github_id=args.github_id, name=args.name, blurb=args.blurb, date=args.date,
+        val_loss=round(statistics.mean(r.val_loss for r in runs), 8),
+        val_bpb=round(statistics.mean(r.val_bpb for r in runs), 8),
+        bytes_total=max(r.bytes_total for r in runs), bytes_code=max(r.bytes_code for r in runs),
+        seeds=[r.seed for r in runs],
+    )
+
+
+def plot_loss(runs: list[RunLog], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        (line,) = ax.plot([t / 1000 for t, _ in run.val_curve], [b for _, b in run.val_curve], marker=".",
+                          label=f"seed {run.seed}")
+        ax.plot([run.train_time_ms / 1000], [run.val_bpb], marker="*", markersize=12, linestyle="none",
+                color=line.get_color())
+    ax.set(xlabel="training time (s)", ylabel="val_bpb", title=f"{title}  (star: {runs[0].final_line})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_record(runs: list[RunLog], args: argparse.Namespace, dest: Path, track: str) -> None:
+    # Build beside the destination and rename at the end, so a failure never leaves a half-written record.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        # Logs are copied byte for byte: they are the evidence the README and submission.json are read from.
+        for run in runs:
+            shutil.copyfile(run.path, tmp / f"train_seed{run.seed}.log")
+        for name in COPIED_FILES:
+            shutil.copyfile(REPO_ROOT / name, tmp / name)
+        (tmp / "submission.json").write_text(json.dumps(submission(runs, args), indent=2) + "\n")
+        (tmp / "README.md").write_text(readme_text(runs, args, track))
+        plot_loss(runs, tmp / "loss.png", args.name)
+        # mkdtemp makes the folder private; a record is an ordinary folder.
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp)
+        raise
+
+
+def folder_name(date: str, name: str) -> str:
+    # The name becomes one path component: spaces, slashes and the like turn into "_".
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("._")
+    if not slug:
+        raise SystemExit(f"--name {name!r} leaves no letters or digits for the folder name")
+    return f"{date}_{slug}"
+
+
+def iso_date(text: str) -> str:
+    return datetime.date.fromisoformat(text).isoformat()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+", type=Path, help="logs/<RUN_ID>.txt of each seed")
+    parser.add_argument("--name", required=True, help="record name; the folder is <date>_<name>")
+    parser.add_argument("--author", required=True)
+    parser.add_argument("--github-id", default="")
+    parser.add_argument("--blurb", default="", help="one paragraph: what the run changes")
+    parser.add_argument("--date", default=datetime.date.today().isoformat(), type=iso_date,
+                        help="YYYY-MM-DD (default today)")
+    parser.add_argument("--sota-val-loss", type=float, default=None,
+                        help="val_loss (nats) of the current record, for the significance test")
+    parser.add_argument("--non-record", action="store_true",
+                        help="file under track_non_record_16mb and do not enforce the 600 s limits")
+    parser.add_argument("--out-root", type=Path, default=REPO_ROOT / "records",
+                        help="folder holding the track folders (default: this repo's records/)")
+    args = parser.parse_args(argv)
+
+    runs = [parse_log(path) for path in args.logs]
+    problems = check_runs(runs, args.non_record)
+    # The record copies the repo's code, so it must be the code that ran (one hash; else check_runs says so).
+    shas, repo_sha = {run.code_sha256 for run in runs}, repo_code_sha256()
+    if len(shas) == 1 and None not in shas and repo_sha != runs[0].code_sha256:
+        problems.append(f"{REPO_ROOT}: train_gpt.py + ngram_mixer.py hash to {repo_sha}, not the "
+                        f"code_sha256 {runs[0].code_sha256} the logs ran: package from the code that ran")
+    track = "track_non_record_16mb" if args.non_record else "track_10min_16mb"
+    dest = args.out_root / track / folder_name(args.date, args.name)
+    if dest.exists():
+        problems.append(f"{dest} already exists: choose another --name or --date (records are never overwritten)")
+    if problems:
+        raise SystemExit("package.py: refusing to write a record folder:\n  " + "\n  ".join(problems))
+    write_record(runs, args, dest, track)
+    print(f"wrote {dest}")
+    print(significance_statement([run.val_loss for run in runs], args.sota_val_loss))
+    return dest
+
+
+if __name__ == "__main__":
+    main()

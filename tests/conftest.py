@@ -1,0 +1,61 @@
+"""Shared pytest fixtures: where the bundled sample data lives.
+
+Run all tests with:  python -m pytest -q tests
+The sample data is read from ../shared/data (beside the repo) or from $SAMPLE_DATA_DIR.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA_DIR = Path(os.environ.get("SAMPLE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+SAMPLE_SHARDS = SAMPLE_DATA_DIR / "datasets" / "fineweb_sp1024_sample"
+SAMPLE_VAL_SHARD = SAMPLE_SHARDS / "fineweb_val_000000.bin"
+SAMPLE_TRAIN_SHARD = SAMPLE_SHARDS / "fineweb_train_000000.bin"
+SAMPLE_TOKENIZER = SAMPLE_DATA_DIR / "tokenizers" / "fineweb_1024_bpe.model"
+
+
+@pytest.fixture(scope="session")
+def sample_val_tokens():
+    """The sample val shard's tokens as a 1-D int64 torch tensor (1,040,060 tokens)."""
+    import numpy as np
+    import torch
+
+    raw = np.fromfile(SAMPLE_VAL_SHARD, dtype="<u2", offset=256 * 4)
+    return torch.from_numpy(raw.astype(np.int64))
+
+
+# A trainer configuration small enough for tests: seconds per run on 2 CPU cores.
+TINY_ENV = dict(
+    DATA_PATH=str(SAMPLE_SHARDS), TOKENIZER_PATH=str(SAMPLE_TOKENIZER), NUM_LAYERS="2", MODEL_DIM="64",
+    NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="4",
+    WARMUP_STEPS="0", WARMDOWN_ITERS="2", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0",
+    VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="4096", EVAL_STRIDE="32", EVAL_CHUNK_TOKENS="1024",
+    NGRAM_PREFILL_TOKENS="50000", TTT_EPOCHS="1", AUDIT_POSITIONS="32", SEED="1337",
+)
+
+
+def run_trainer(workdir, nproc: int = 0, script=None, **overrides):
+    """Run train_gpt.py in `workdir` with TINY_ENV + overrides, as `python` (nproc=0) or `torchrun --nproc_per_node`.
+    Returns (CompletedProcess, log text or '' when no log was written)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    env.update(TINY_ENV, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in overrides.items()})
+    script = str(script or REPO_ROOT / "train_gpt.py")
+    cmd = [sys.executable, script] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    log = Path(workdir) / "logs" / f"{env.get('RUN_ID', '')}.txt"
+    return proc, (log.read_text() if env.get("RUN_ID") and log.is_file() else "")
+
+
+def log_value(log: str, line_prefix: str, key: str) -> float:
+    """The float after `key:` on the last log line starting with `line_prefix`."""
+    lines = [ln for ln in log.splitlines() if ln.startswith(line_prefix)]
+    assert lines, f"no log line starts with {line_prefix!r}"
+    field = next(f for f in lines[-1].split() if f.startswith(key + ":"))
+    return float(field.split(":", 1)[1].removesuffix("ms"))

@@ -1,0 +1,208 @@
+"""Tests of the n-gram mixer inside training and evaluation: causality, chunking, ranks, gate learning, audit.
+
+Run:  python -m pytest -q tests/test_mixer_eval.py
+"""
+from collections import Counter
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import log_value, run_trainer
+from ngram_mixer import NgramTables, mixture_logprob
+from test_train_gpt import make_setup, tiny_model
+
+ORDERS = (2, 3, 4, 5, 6, 7)
+
+
+def mixer_model(seed=0):
+    """A tiny model whose gate already trusts the experts a fair amount, so cache effects show in the scores."""
+    model = tiny_model(num_experts=len(ORDERS), seed=seed)
+    with torch.no_grad():
+        model.gate.weight.normal_(0, 0.5)
+        model.gate.bias.copy_(torch.tensor([0.5] + [0.0] * len(ORDERS)))
+    return model
+
+
+def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=1, cache_orders=ORDERS):
+    model = mixer_model()
+    model.load_state_dict(state)
+    setup = make_setup(model, tokens, seq_len, stride)
+    setup.min_count = min_count
+    return tg.eval_ngram_ttt(setup, bounds, cache_orders, ttt_epochs, ttt_lr=0.05, ttt_momentum=0.9,
+                             return_per_target=True)
+
+
+def test_eval_is_causal_with_cache_and_ttt(sample_val_tokens):
+    tokens = sample_val_tokens[:641].clone()
+    state = mixer_model().state_dict()
+    bounds = tg.chunk_bounds(len(tokens), 64)
+    base = run_eval(tokens, state, bounds, ttt_epochs=1).per_target_nll
+    assert not torch.equal(base, run_eval(tokens, state, bounds, ttt_epochs=0).per_target_nll)  # TTT acts
+    for t, k in ((200, 1), (200, 45), (300, 200), (639, 1)):
+        changed = tokens.clone()
+        changed[t + k] = (changed[t + k] + 17) % 1024
+        nll = run_eval(changed, state, bounds, ttt_epochs=1).per_target_nll
+        # Targets 1..t sit at [0, t): none of them may move; the changed target itself must.
+        assert torch.equal(nll[:t], base[:t]), f"position <= {t} changed when token {t + k} changed"
+        assert nll[t + k - 1] != base[t + k - 1]
+
+
+def reference_cache_scores(model, tokens, bounds, seq_len, min_count):
+    """Token by token: target t is scored from the model on its last seq_len tokens and from Counter tables of
+    every n-gram that ends before t's chunk starts."""
+    pair_count, context_count = Counter(), Counter()
+    ids = tokens.tolist()
+    out = torch.zeros(len(ids) - 1, dtype=torch.float64)
+    cached_until = 0
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        for t in range(first, end):
+            with torch.no_grad():
+                h = model.hidden(tokens[None, max(0, t - seq_len):t])[0, -1:]
+            probs, valid = torch.zeros(len(ORDERS), 1), torch.zeros(len(ORDERS), 1, dtype=torch.bool)
+            for k, n in enumerate(ORDERS):
+                if t >= n - 1:
+                    context = tuple(ids[t - n + 1:t])
+                    c = context_count[context]
+                    valid[k, 0] = c >= min_count
+                    probs[k, 0] = pair_count[context + (ids[t],)] / c if c >= min_count else 0.0
+            lp = mixture_logprob(model.logits(h), tokens[t:t + 1], probs, valid, model.gate_logits(h),
+                                 model.neural_floor)
+            out[t - 1] = -lp.item()
+        for pos in range(cached_until, end):
+            for n in ORDERS:
+                if pos >= n - 1:
+                    context_count[tuple(ids[pos - n + 1:pos])] += 1
+                    pair_count[tuple(ids[pos - n + 1:pos + 1])] += 1
+        cached_until = end
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunked_cache_scores_equal_token_by_token_reference(sample_val_tokens, seed):
+    tokens = sample_val_tokens[5000:5301]
+    generator = torch.Generator().manual_seed(seed)
+    bounds = [1]
+    while bounds[-1] < len(tokens):
+        size = int(torch.randint(1, 40, (1,), generator=generator)) if bounds[-1] % 3 else 1
+        bounds.append(min(bounds[-1] + size, len(tokens)))
+    state = mixer_model().state_dict()
+    for min_count in (1, 2):
+        # stride 1 gives every target exactly its last seq_len tokens, whatever the chunking.
+        got = run_eval(tokens, state, bounds, ttt_epochs=0, stride=1, min_count=min_count).per_target_nll
+        model = mixer_model()
+        model.load_state_dict(state)
+        expected = reference_cache_scores(model.eval(), tokens, bounds, seq_len=32, min_count=min_count)
+        assert torch.allclose(got, expected, atol=2e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_cache_lowers_loss_on_repetitive_text(sample_val_tokens):
+    # The sample's documents repeat boilerplate; with the cache on, the score must use it (and stay valid).
+    tokens = sample_val_tokens[:2049]
+    state = mixer_model().state_dict()
+    bounds = tg.chunk_bounds(len(tokens), 256)
+    with_cache = run_eval(tokens, state, bounds, ttt_epochs=0)
+    without = run_eval(tokens, state, bounds, ttt_epochs=0, cache_orders=())
+    assert with_cache.val_loss < without.val_loss
+    assert without.val_loss == pytest.approx(without.neural_val_loss, abs=1e-9)
+
+
+class InflatedTables(NgramTables):
+    """A cache that claims every looked-up token was always seen after its context (p = 1 for the gold token,
+    the PR #834 failure mode); its full distributions remain the honest ones."""
+
+    def lookup(self, stream, positions, exclude_self=False):
+        context_count, _ = super().lookup(stream, positions, exclude_self)
+        return context_count, context_count.clone()
+
+
+def test_audit_catches_a_score_that_is_not_its_distribution(sample_val_tokens, monkeypatch):
+    tokens = sample_val_tokens[:1025]
+    state = mixer_model().state_dict()
+    bounds = tg.chunk_bounds(len(tokens), 128)
+    audit = torch.arange(200, 1024, 7)
+
+    def audited(cache_class):
+        monkeypatch.setattr(tg, "NgramTables", cache_class)
+        model = mixer_model()
+        model.load_state_dict(state)
+        setup = make_setup(model, tokens, 32, 8)
+        setup.min_count = 1
+        return tg.eval_ngram_ttt(setup, bounds, ORDERS, 0, 0.0, 0.0, audit_positions=audit)
+
+    honest, inflated = audited(NgramTables), audited(InflatedTables)
+    assert honest.audit_positions == len(audit) == inflated.audit_positions
+    assert max(honest.audit_sum_err, honest.audit_gold_err) < 1e-5
+    assert inflated.audit_gold_err > 1e-2
+    assert inflated.val_loss < honest.val_loss  # the invalid score looks better, which is why it must be caught
+
+
+def train_gate(stream, steps=60, seq_len=64, batch=8, seed=0):
+    """Train a tiny model + gate on `stream` with frozen leave-one-out tables of the same stream, as the trainer
+    does; return (neural CE, mixture NLL, mean expert weight) on the stream before and after training."""
+    torch.manual_seed(seed)
+    model = tiny_model(num_experts=len(ORDERS), seed=seed)
+    tables = NgramTables(1024, ORDERS)
+    tables.extend(stream)
+    gate_params = list(model.gate.parameters())
+    other = [p for p in model.parameters() if all(p is not g for g in gate_params)]
+    optimizer = torch.optim.Adam([dict(params=other, lr=3e-3), dict(params=gate_params, lr=3e-2)])
+    n_seqs = (len(stream) - 1) // seq_len
+
+    def batch_inputs(index):
+        starts = index * seq_len
+        positions = (starts[:, None] + torch.arange(1, seq_len + 1)).reshape(-1)
+        probs, valid = tg.expert_inputs(tables, stream, positions, 2, exclude_self=True)
+        x = stream[positions - 1].reshape(-1, seq_len)
+        return x, stream[positions].reshape(-1, seq_len), probs, valid
+
+    def measure():
+        with torch.no_grad():
+            x, y, probs, valid = batch_inputs(torch.arange(n_seqs))
+            _, ce, mix = model(x, y, probs, valid)
+            h = model.hidden(x).reshape(-1, model.tok_emb.embedding_dim)
+            weights = tg.ngram_mixer.mixture_weights(model.gate_logits(h), valid, model.neural_floor)
+        return ce.item(), mix.item(), weights[:, 1:].sum(1).mean().item()
+
+    before = measure()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss, _, _ = model(*batch_inputs(torch.randint(0, n_seqs, (batch,), generator=generator)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, measure()
+
+
+def test_gate_learns_to_use_experts_on_repeats_and_not_on_noise():
+    generator = torch.Generator().manual_seed(0)
+    phrases = [torch.randint(4, 1024, (int(torch.randint(8, 30, (1,), generator=generator)),), generator=generator)
+               for _ in range(40)]
+    order = torch.randint(0, 40, (300,), generator=generator)
+    repeats = torch.cat([phrases[i] for i in order.tolist()])[:4097]
+    (_, _, weight_before), (ce, mix, weight_after) = train_gate(repeats)
+    assert mix < ce - 0.5 and weight_after > weight_before
+    noise = torch.randint(0, 1024, (4097,), generator=generator)
+    (_, _, weight_before), (ce, mix, weight_after) = train_gate(noise)
+    assert mix > ce - 0.02 and weight_after < weight_before
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("artifact")
+    proc, _ = run_trainer(workdir, RUN_ID="train", ITERATIONS="3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, workdir / "final_model.train.ptz"
+
+
+def test_two_process_evaluation_matches_one_process(tiny_artifact):
+    workdir, artifact = tiny_artifact
+    one, log1 = run_trainer(workdir, RUN_ID="eval1", EVAL_ARTIFACT=str(artifact))
+    two, log2 = run_trainer(workdir, nproc=2, RUN_ID="eval2", EVAL_ARTIFACT=str(artifact))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    for key in ("scored_tokens", "scored_bytes"):
+        assert log_value(log1, "scored_tokens", key) == log_value(log2, "scored_tokens", key)
+    for prefix in ("final_int8_zstd_roundtrip_exact", "final_ngram_ttt_exact"):
+        assert log_value(log1, prefix, "val_loss") == pytest.approx(log_value(log2, prefix, "val_loss"), abs=1e-6)
+    assert log_value(log2, "legality_audit", "max_abs_sum_err") < 1e-4

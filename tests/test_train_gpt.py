@@ -1,0 +1,271 @@
+"""Tests of the trainer: data, byte counting, evaluation windows, quantization, and whole runs.
+
+Run:  python -m pytest -q tests/test_train_gpt.py
+"""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import (REPO_ROOT, SAMPLE_TOKENIZER, SAMPLE_TRAIN_SHARD, SAMPLE_VAL_SHARD, TINY_ENV,
+                      log_value, run_trainer)
+
+
+def tiny_model(num_experts=0, seed=0):
+    torch.manual_seed(seed)
+    return tg.GPT(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                  rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5, tied_embed_init_std=0.05,
+                  num_experts=num_experts)
+
+
+def make_setup(model, tokens, seq_len, stride, windows_per_batch=3, rank=0, world_size=1):
+    luts = tg.build_byte_luts(tg.load_tokenizer(str(SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
+    return tg.EvalSetup(model, model.hidden, tokens, luts, seq_len, stride, windows_per_batch, rank, world_size)
+
+
+# ----- data -----
+
+def write_shard(path, header, tokens):
+    with open(path, "wb") as f:
+        f.write(np.asarray(header, dtype="<i4").tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def test_shard_reader_accepts_sample():
+    assert tg.read_shard_header(SAMPLE_VAL_SHARD) == 1_040_060
+    tokens = tg.load_data_shard(SAMPLE_VAL_SHARD, 1024)
+    assert len(tokens) == 1_040_060 and int(tokens[0]) == 1  # BOS, not a header int
+
+
+@pytest.mark.parametrize("header_patch, n_tokens, message", [
+    ({0: 12345}, 10, "bad shard magic 12345"),
+    ({1: 7}, 10, "unsupported shard version 7"),
+    ({2: 11}, 10, "header says 11 tokens"),
+    ({2: 9}, 10, "header says 9 tokens"),
+])
+def test_shard_reader_rejects_corrupt_headers(tmp_path, header_patch, n_tokens, message):
+    header = [tg.SHARD_MAGIC, tg.SHARD_VERSION, n_tokens] + [0] * 253
+    for index, value in header_patch.items():
+        header[index] = value
+    path = tmp_path / "fineweb_val_000000.bin"
+    write_shard(path, header, range(n_tokens))
+    with pytest.raises(ValueError, match=message) as err:
+        tg.load_data_shard(path, 1024)
+    assert str(path) in str(err.value)
+
+
+def test_shard_reader_rejects_truncated_file_and_large_token(tmp_path):
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="shorter than the 1024-byte shard header"):
+        tg.read_shard_header(short)
+    bad = tmp_path / "bad.bin"
+    write_shard(bad, [tg.SHARD_MAGIC, tg.SHARD_VERSION, 4] + [0] * 253, [1, 5, 2000, 3])
+    with pytest.raises(ValueError, match="token id 2000 at index 2 is >= VOCAB_SIZE=1024"):
+        tg.load_data_shard(bad, 1024)
+
+
+def test_missing_inputs_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no val shards match"):
+        tg.list_shards(str(tmp_path), "val")
+    with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
+        tg.load_tokenizer(str(tmp_path / "nope.model"), 1024)
+    with pytest.raises(ValueError, match="VOCAB_SIZE=2048"):
+        tg.load_tokenizer(str(SAMPLE_TOKENIZER), 2048)
+
+
+def test_byte_luts_count_sample_val_bytes(sample_val_tokens):
+    luts = tg.build_byte_luts(tg.load_tokenizer(str(SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
+    n_bytes = tg.count_target_bytes(sample_val_tokens[:-1], sample_val_tokens[1:], luts).sum()
+    assert int(n_bytes) == 2_504_310
+
+
+def test_loader_global_batch_does_not_depend_on_world_size():
+    files = [SAMPLE_TRAIN_SHARD]
+    cpu = torch.device("cpu")
+    single = tg.DistributedTokenLoader(files, 0, 1, cpu, 1024)
+    pair = [tg.DistributedTokenLoader(files, r, 2, cpu, 1024) for r in range(2)]
+    for _ in range(3):  # three steps of 8 micro-batches of 512 tokens
+        one = [single.next_batch(512, 64)[2] for _ in range(8)]
+        two = [loader.next_batch(512, 64)[2] for _ in range(4) for loader in pair]
+        # Both ranks advance the shared stream in lockstep, so rank r's m-th span is span 2m + r.
+        two = [two[2 * m + r] for m in range(4) for r in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_token_stream_wraps_and_tracks_position():
+    stream = tg.TokenStream([SAMPLE_TRAIN_SHARD], 1024)
+    everything = tg.load_data_shard(SAMPLE_TRAIN_SHARD, 1024)
+    stream.take(stream.total_tokens - 5)
+    wrapped = stream.take(10)
+    assert torch.equal(wrapped, torch.cat((everything[-5:], everything[:5])))
+    assert stream.position == 5
+
+
+# ----- evaluation windows -----
+
+@pytest.mark.parametrize("first, end, seq_len, stride", [(1, 1000, 64, 64), (1, 1000, 64, 16), (1, 40, 64, 7),
+                                                         (333, 1000, 64, 1), (500, 501, 32, 8), (1, 777, 50, 49)])
+def test_window_schedule_scores_each_target_once_with_full_context(first, end, seq_len, stride):
+    start, lo, hi = tg.window_schedule(first, end, seq_len, stride)
+    assert lo[0] == first and hi[-1] == end and torch.equal(lo[1:], hi[:-1]) and bool((hi > lo).all())
+    assert bool((hi - 1 - start <= seq_len).all())
+    for s, a, b in zip(start.tolist(), lo.tolist(), hi.tolist()):
+        for t in range(a, b):
+            assert t - s >= min(t, seq_len - stride + 1)
+
+
+def test_plain_eval_equals_direct_loss(sample_val_tokens):
+    model = tiny_model().eval()
+    tokens = sample_val_tokens[:4 * 64 + 1]
+    setup = make_setup(model, tokens, seq_len=64, stride=64)
+    val_loss, val_bpb = tg.eval_val(setup)
+    with torch.no_grad():
+        loss, _, _ = model(tokens[:-1].reshape(4, 64), tokens[1:].reshape(4, 64))
+    n_bytes = tg.count_target_bytes(tokens[:-1], tokens[1:], setup.luts).sum().item()
+    assert val_loss == pytest.approx(loss.item(), abs=1e-5)
+    assert val_bpb == pytest.approx(loss.item() * 256 / math.log(2) / n_bytes, abs=1e-5)
+
+
+def test_sliding_eval_scores_each_target_from_its_window(sample_val_tokens):
+    model = tiny_model().eval()
+    tokens, seq_len, stride = sample_val_tokens[:301], 64, 16
+    setup = make_setup(model, tokens, seq_len, stride)
+    per_target = torch.full((300,), float("nan"), dtype=torch.float64)
+    with torch.inference_mode():
+        sums, _ = tg.score_span(setup, 1, 301, per_target=per_target)
+    assert int(sums[3]) == 300 and not per_target.isnan().any()
+    start, lo, hi = tg.window_schedule(1, 301, seq_len, stride)
+    with torch.no_grad():
+        for s, a, b in zip(start.tolist(), lo.tolist(), hi.tolist()):
+            for t in (a, b - 1):
+                logits = model.logits(model.hidden(tokens[None, s:t]))[0, -1]
+                expected = -logits.log_softmax(-1)[tokens[t]].item()
+                assert per_target[t - 1].item() == pytest.approx(expected, abs=1e-4)
+    assert sums[0].item() == pytest.approx(per_target.sum().item(), rel=1e-9)
+
+
+# ----- quantization + compression -----
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_quantization_round_trip_is_deterministic_and_bounded(tmp_path, bits):
+    model = tiny_model(num_experts=6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    state = model.state_dict()
+    blob = tg.quantize_state_dict(state, bits)
+    first, second = tg.compress_artifact(blob), tg.compress_artifact(tg.quantize_state_dict(state, bits))
+    assert first == second
+    path = tmp_path / "model.ptz"
+    path.write_bytes(first)
+    restored = tg.dequantize_state_dict(tg.load_artifact(path))
+    assert restored.keys() == state.keys()
+    qmax = 2 ** (bits - 1) - 1
+    for name, tensor in state.items():
+        if name in blob["quantized"]:
+            row_bound = blob["scales"][name].float()[:, None] / 2 + 1e-7
+            assert bool(((restored[name] - tensor).abs() <= row_bound).all())
+            assert int(blob["quantized"][name].abs().max()) <= qmax
+        else:
+            assert torch.allclose(restored[name], tensor, rtol=1e-3, atol=1e-4)
+    fresh = tiny_model(num_experts=6, seed=1)
+    fresh.load_state_dict(restored)
+
+
+def test_artifact_loader_rejects_garbage(tmp_path):
+    path = tmp_path / "bad.ptz"
+    path.write_bytes(b"not zstd at all")
+    with pytest.raises(ValueError, match="not a zstd-compressed artifact"):
+        tg.load_artifact(path)
+    blob = tg.quantize_state_dict(tiny_model().state_dict(), 8)
+    blob["__format__"] = "int4_magic_v9"
+    path.write_bytes(tg.compress_artifact(blob))
+    with pytest.raises(ValueError, match="unknown artifact format"):
+        tg.load_artifact(path)
+    assert tg.check_artifact_size(16_000_000) and not tg.check_artifact_size(16_000_001)
+
+
+# ----- whole runs (subprocesses) -----
+
+def test_end_to_end_run_logs_scores_and_artifact_reloads(tmp_path):
+    proc, log = run_trainer(tmp_path, RUN_ID="e2e")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for needle in ("step:4/4 train_loss:", "step:4/4 val_loss:", "ngram_prefill tokens:50000",
+                   "Serialized model int8_zstd:", "Code size:", "Total submission size int8_zstd:",
+                   "final_int8_zstd_roundtrip_exact val_loss:", "legality_audit positions:",
+                   "scored_tokens:4095 ", "eval_time roundtrip:", "final_ngram_ttt_exact val_loss:",
+                   "peak memory", "===== ngram_mixer.py ====="):
+        assert needle in log, needle
+    artifact = tmp_path / "final_model.e2e.ptz"
+    size_line = next(ln for ln in log.splitlines() if ln.startswith("Serialized model"))
+    assert int(size_line.split(":")[1].split()[0]) == artifact.stat().st_size
+    assert log_value(log, "legality_audit", "max_abs_sum_err") < 1e-4
+    # Re-scoring the written artifact in a fresh process gives the same numbers, digit for digit.
+    proc2, log2 = run_trainer(tmp_path, RUN_ID="e2e-reload", EVAL_ARTIFACT=str(artifact))
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    for prefix in ("final_int8_zstd_roundtrip_exact", "final_ngram_ttt_exact"):
+        assert [ln for ln in log.splitlines() if ln.startswith(prefix)] == \
+            [ln for ln in log2.splitlines() if ln.startswith(prefix)]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    settings = dict(NGRAM="1", TTT="0", ITERATIONS="3")
+    one, log1 = run_trainer(tmp_path, RUN_ID="one", **settings)
+    two, log2 = run_trainer(tmp_path, nproc=2, RUN_ID="two", **settings)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world_size:2 grad_accum_steps:4" in log2
+    for step in (1, 2, 3):
+        for key in ("train_loss", "mix_nll"):
+            assert log_value(log1, f"step:{step}/3 train", key) == pytest.approx(
+                log_value(log2, f"step:{step}/3 train", key), abs=2e-4)
+    assert log_value(log1, "final_ngram_ttt_exact", "val_loss") == pytest.approx(
+        log_value(log2, "final_ngram_ttt_exact", "val_loss"), abs=1e-4)
+    assert log_value(log1, "scored_tokens", "scored_bytes") == log_value(log2, "scored_tokens", "scored_bytes")
+
+
+def test_wallclock_cap_stops_training(tmp_path):
+    proc, log = run_trainer(tmp_path, RUN_ID="cap", ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="3", NGRAM="0",
+                            TTT="0", TRAIN_LOG_EVERY="0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopping_early: wallclock_cap" in log
+    steps = int(next(ln for ln in log.splitlines() if ln.startswith("stopping_early")).split("step:")[1].split("/")[0])
+    assert 0 < steps < 100000
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(TOKENIZER_PATH="/nonexistent/sp.model"), "tokenizer not found: TOKENIZER_PATH=/nonexistent/sp.model"),
+    (dict(VOCAB_SIZE="2048"), "VOCAB_SIZE=2048"),
+    (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000"),
+    (dict(SCALAR_LR="inf", TIED_EMBED_LR="inf", NGRAM="0"), "non-finite train loss"),
+])
+def test_bad_settings_exit_nonzero_with_a_clear_message(tmp_path, overrides, message):
+    proc, _ = run_trainer(tmp_path, RUN_ID="bad", **overrides)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_bad_shard_and_reused_run_id_exit_nonzero(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(SAMPLE_TRAIN_SHARD, data)
+    write_shard(data / "fineweb_val_000000.bin", [tg.SHARD_MAGIC, tg.SHARD_VERSION, 99] + [0] * 253, range(10))
+    proc, _ = run_trainer(tmp_path, RUN_ID="badshard", DATA_PATH=str(data))
+    assert proc.returncode != 0 and "header says 99 tokens" in proc.stderr
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "logs" / "taken.txt").write_text("an earlier run\n")
+    proc, _ = run_trainer(tmp_path, RUN_ID="taken")
+    assert proc.returncode != 0 and "set another RUN_ID" in proc.stderr
+    assert (tmp_path / "logs" / "taken.txt").read_text() == "an earlier run\n"
+
+
+def test_train_gpt_stays_under_the_line_cap():
+    assert len((REPO_ROOT / "train_gpt.py").read_text().splitlines()) <= 1500
+
+
+def test_tiny_env_names_real_hyperparameters():
+    # A typo in a test's env var would silently fall back to a default: every name must be a knob.
+    assert {name.lower() for name in TINY_ENV} <= set(vars(tg.Hyperparameters))

@@ -1,0 +1,1076 @@
+"""
+train_gpt.py: a single-file trainer for the OpenAI "parameter golf" challenge, with a *valid* n-gram mixer.
+
+One run trains a small GPT (<= 10 min on 8xH100) together with a gate that mixes it with exact, normalized
+n-gram experts (ngram_mixer.py), quantizes and zstd-compresses the model into a <= 16,000,000-byte artifact,
+reloads that artifact and scores FineWeb validation in bits per byte, twice:
+  final_<quant>_roundtrip_exact   the reloaded model alone, sliding-window eval
+  final_ngram_ttt_exact           + a causal n-gram cache and test-time training, score-then-update
+
+  torchrun --standalone --nproc_per_node=8 train_gpt.py                  # competition run (8xH100)
+  set -a; . configs/sample_cpu.env; set +a; python train_gpt.py           # tiny CPU run on the bundled sample
+
+Every knob is an environment variable (class Hyperparameters). Validity rules: ../shared/DESIGN.md section 4.
+Hard cap: 1500 lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import io
+import math
+import os
+import random
+import resource
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import zstandard
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ngram_mixer
+from ngram_mixer import NgramTables, mixture_distribution, mixture_logprob
+
+# -----------------------------
+# HYPERPARAMETERS
+# -----------------------------
+# Defaults are the challenge baseline (9 layers x 512, 8 heads / 4 KV heads, MLP 2x relu^2, tied embeddings,
+# vocab 1024, 524,288 tokens/step at seq 1024, 10-minute cap) plus the n-gram mixer and its evaluation.
+
+
+class Hyperparameters:
+    # Data and run identity.
+    data_path = os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+    tokenizer_path = os.environ.get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+    run_id = os.environ.get("RUN_ID", "")
+    seed = int(os.environ.get("SEED", 1337))
+
+    # Training length and batch.
+    iterations = int(os.environ.get("ITERATIONS", 20000))
+    max_wallclock_seconds = float(os.environ.get("MAX_WALLCLOCK_SECONDS", 600.0))
+    warmup_steps = int(os.environ.get("WARMUP_STEPS", 20))
+    warmdown_iters = int(os.environ.get("WARMDOWN_ITERS", 1200))
+    train_batch_tokens = int(os.environ.get("TRAIN_BATCH_TOKENS", 524_288))
+    train_seq_len = int(os.environ.get("TRAIN_SEQ_LEN", 1024))
+    train_log_every = int(os.environ.get("TRAIN_LOG_EVERY", 200))
+    val_loss_every = int(os.environ.get("VAL_LOSS_EVERY", 1000))
+    val_batch_size = int(os.environ.get("VAL_BATCH_SIZE", 524_288))
+    val_max_tokens = int(os.environ.get("VAL_MAX_TOKENS", 0))
+    compile = bool(int(os.environ.get("COMPILE", 1)))
+
+    # Model shape.
+    vocab_size = int(os.environ.get("VOCAB_SIZE", 1024))
+    num_layers = int(os.environ.get("NUM_LAYERS", 9))
+    model_dim = int(os.environ.get("MODEL_DIM", 512))
+    num_heads = int(os.environ.get("NUM_HEADS", 8))
+    num_kv_heads = int(os.environ.get("NUM_KV_HEADS", 4))
+    mlp_mult = int(os.environ.get("MLP_MULT", 2))
+    rope_base = float(os.environ.get("ROPE_BASE", 10000.0))
+    logit_softcap = float(os.environ.get("LOGIT_SOFTCAP", 30.0))
+    qk_gain_init = float(os.environ.get("QK_GAIN_INIT", 1.5))
+    tied_embed_init_std = float(os.environ.get("TIED_EMBED_INIT_STD", 0.005))
+
+    # Optimizer: Muon for block matrices, Adam for the embedding, scalars and the gate.
+    tied_embed_lr = float(os.environ.get("TIED_EMBED_LR", 0.05))
+    matrix_lr = float(os.environ.get("MATRIX_LR", 0.04))
+    scalar_lr = float(os.environ.get("SCALAR_LR", 0.04))
+    muon_momentum = float(os.environ.get("MUON_MOMENTUM", 0.95))
+    muon_momentum_warmup_start = float(os.environ.get("MUON_MOMENTUM_WARMUP_START", 0.85))
+    muon_momentum_warmup_steps = int(os.environ.get("MUON_MOMENTUM_WARMUP_STEPS", 500))
+    muon_backend_steps = int(os.environ.get("MUON_BACKEND_STEPS", 5))
+    beta1 = float(os.environ.get("BETA1", 0.9))
+    beta2 = float(os.environ.get("BETA2", 0.95))
+    adam_eps = float(os.environ.get("ADAM_EPS", 1e-8))
+    grad_clip_norm = float(os.environ.get("GRAD_CLIP_NORM", 0.0))
+
+    # N-gram mixer: frozen tables from training tokens during training, a score-then-update cache at eval.
+    ngram = bool(int(os.environ.get("NGRAM", 1)))
+    ngram_max_order = int(os.environ.get("NGRAM_MAX_ORDER", 7))
+    ngram_prefill_tokens = int(os.environ.get("NGRAM_PREFILL_TOKENS", 31_000_000))
+    ngram_min_count = int(os.environ.get("NGRAM_MIN_COUNT", 2))
+    ngram_neural_floor = float(os.environ.get("NGRAM_NEURAL_FLOOR", 0.05))
+    ngram_loss_weight = float(os.environ.get("NGRAM_LOSS_WEIGHT", 0.1))
+    ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
+
+    # Quantization, evaluation, test-time training.
+    quant_bits = int(os.environ.get("QUANT_BITS", 8))
+    eval_stride = int(os.environ.get("EVAL_STRIDE", 64))
+    eval_chunk_tokens = int(os.environ.get("EVAL_CHUNK_TOKENS", 32768))
+    eval_artifact = os.environ.get("EVAL_ARTIFACT", "")
+    ttt = bool(int(os.environ.get("TTT", 1)))
+    ttt_epochs = int(os.environ.get("TTT_EPOCHS", 3))
+    ttt_lr = float(os.environ.get("TTT_LR", 0.002))
+    ttt_momentum = float(os.environ.get("TTT_MOMENTUM", 0.9))
+    audit_positions = int(os.environ.get("AUDIT_POSITIONS", 256))
+
+
+# The micro-batches of one optimizer step, summed over all processes. Keeping this fixed makes the global batch,
+# and so the losses, independent of how many processes share the work (as in the challenge baseline).
+MICRO_BATCHES_PER_STEP = 8
+ARTIFACT_CAP_BYTES = 16_000_000
+
+
+def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
+    """Reject settings that would silently train or score something else; each message names the env var."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    need(MICRO_BATCHES_PER_STEP % world_size == 0,
+         f"WORLD_SIZE={world_size} must divide {MICRO_BATCHES_PER_STEP} (micro-batches per step)")
+    need(args.train_batch_tokens % (MICRO_BATCHES_PER_STEP * args.train_seq_len) == 0,
+         f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a multiple of "
+         f"{MICRO_BATCHES_PER_STEP} x TRAIN_SEQ_LEN={args.train_seq_len}")
+    need(1 <= args.eval_stride <= args.train_seq_len,
+         f"EVAL_STRIDE={args.eval_stride} must be in [1, TRAIN_SEQ_LEN={args.train_seq_len}]")
+    need(args.eval_chunk_tokens >= 1, f"EVAL_CHUNK_TOKENS={args.eval_chunk_tokens} must be >= 1")
+    need(args.quant_bits in (6, 8), f"QUANT_BITS={args.quant_bits} must be 6 or 8")
+    need(args.model_dim % args.num_heads == 0 and (args.model_dim // args.num_heads) % 2 == 0,
+         f"MODEL_DIM={args.model_dim} / NUM_HEADS={args.num_heads} must be an even head dim (RoPE)")
+    need(args.num_heads % args.num_kv_heads == 0,
+         f"NUM_HEADS={args.num_heads} must be a multiple of NUM_KV_HEADS={args.num_kv_heads}")
+    need(args.ngram_max_order >= 2, f"NGRAM_MAX_ORDER={args.ngram_max_order} must be >= 2")
+    need(0.0 <= args.ngram_neural_floor <= 1.0, f"NGRAM_NEURAL_FLOOR={args.ngram_neural_floor} must be in [0, 1]")
+    need(args.logit_softcap > 0, f"LOGIT_SOFTCAP={args.logit_softcap} must be positive")
+    need(args.iterations >= 0 and args.warmup_steps >= 0, "ITERATIONS and WARMUP_STEPS must be >= 0")
+
+
+def ngram_orders(args: Hyperparameters) -> tuple[int, ...]:
+    return tuple(range(2, args.ngram_max_order + 1)) if args.ngram else ()
+
+
+# -----------------------------
+# MUON
+# -----------------------------
+# Orthogonalized momentum for 2-D weights, from modded-nanogpt (https://kellerjordan.github.io/posts/muon/).
+
+
+def zeropower_via_newtonschulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    # Quintic Newton-Schulz iteration whose coefficients push all singular values towards 1 in a few steps;
+    # bf16 is accurate enough for that on GPU, the CPU keeps fp32 (its bf16 matmuls are slow).
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
+    x = x / (x.norm() + eps)
+    transposed = grad.size(0) > grad.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD-momentum (Nesterov) whose update is orthogonalized. Parameters are dealt round-robin to ranks; each
+    rank orthogonalizes its share and one all-reduce of a flat buffer gives every rank every update."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            params = group["params"]
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = zeropower_via_newtonschulz5(p.grad.add(buf, alpha=group["momentum"]),
+                                                         group["backend_steps"])
+                    # Rectangular matrices get a larger step so their RMS update matches square ones.
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    updates[offset:offset + p.numel()] = update.reshape(-1).float()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(updates)
+            offset = 0
+            for p in params:
+                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# -----------------------------
+# DATA
+# -----------------------------
+# Shard = 256 little-endian int32 header [magic, version, n_tokens, 0...] + n_tokens little-endian uint16 ids.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_BYTES = 256 * 4
+
+
+def read_shard_header(path: Path) -> int:
+    """Validate a shard's header against its file size and return its token count."""
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    magic, version, n_tokens = (int(v) for v in np.fromfile(path, dtype="<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: bad shard magic {magic} (expected {SHARD_MAGIC})")
+    if version != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {version} (expected {SHARD_VERSION})")
+    expected = SHARD_HEADER_BYTES + 2 * n_tokens
+    if n_tokens < 0 or size != expected:
+        raise ValueError(f"{path}: header says {n_tokens} tokens, so the file should be {expected} bytes, "
+                         f"but it is {size} bytes")
+    return n_tokens
+
+
+def load_data_shard(path: Path, vocab_size: int) -> Tensor:
+    """The shard's tokens (never its header) as an int32 tensor, checked against the vocabulary."""
+    n_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=SHARD_HEADER_BYTES)
+    if n_tokens and int(tokens.max()) >= vocab_size:
+        index = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"{path}: token id {int(tokens[index])} at index {index} is >= VOCAB_SIZE={vocab_size}")
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def list_shards(data_path: str, split: str) -> list[Path]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = [Path(p) for p in sorted(glob.glob(pattern))]
+    if not files:
+        raise FileNotFoundError(f"no {split} shards match {pattern} (check DATA_PATH={data_path})")
+    return files
+
+
+class TokenStream:
+    """The train shards in order as one endless, deterministic token stream that wraps after the last shard.
+    `position` is the index (modulo `total_tokens`) of the next token to be taken."""
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.total_tokens = sum(read_shard_header(f) for f in files)
+        if self.total_tokens == 0:
+            raise ValueError(f"train shards {files[0].parent} hold no tokens")
+        self.file_index, self.offset, self.position = 0, 0, 0
+        self.tokens = load_data_shard(files[0], vocab_size)
+
+    def take(self, n: int) -> Tensor:
+        parts, self.position = [], (self.position + n) % self.total_tokens
+        while n > 0:
+            if self.offset == len(self.tokens):
+                self.file_index = (self.file_index + 1) % len(self.files)
+                self.tokens, self.offset = load_data_shard(self.files[self.file_index], self.vocab_size), 0
+                continue
+            part = self.tokens[self.offset:self.offset + n]
+            parts.append(part)
+            self.offset += len(part)
+            n -= len(part)
+        return torch.cat(parts)
+
+
+class DistributedTokenLoader:
+    """Each call takes one micro-batch span per rank from the shared stream; rank r reads its own disjoint span.
+    A step's micro-batches are consecutive spans, so 1 process x 8 micro-batches sees exactly the tokens that
+    8 processes x 1 micro-batch see."""
+
+    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, vocab_size: int):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.stream = TokenStream(files, vocab_size)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        span = local_tokens + 1
+        first = self.stream.position
+        chunk = self.stream.take(span * self.world_size)
+        local = chunk[self.rank * span:(self.rank + 1) * span].to(self.device, torch.int64, non_blocking=True)
+        x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+        # `local` and its stream position let the n-gram lookup use (and leave out) the span's own counts.
+        return x, y, local, (first + self.rank * span) % self.stream.total_tokens
+
+
+def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> Tensor:
+    tokens = torch.cat([load_data_shard(f, vocab_size) for f in list_shards(data_path, "val")])
+    if max_tokens > 0:
+        tokens = tokens[:max_tokens]
+    if len(tokens) < 2:
+        raise ValueError(f"validation split under DATA_PATH={data_path} has {len(tokens)} tokens; need >= 2")
+    return tokens.long()
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer not found: TOKENIZER_PATH={path}")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if int(sp.vocab_size()) != vocab_size:
+        raise ValueError(f"tokenizer {path} has {int(sp.vocab_size())} pieces but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: torch.device):
+    """Per-token byte counts for BPB (DESIGN.md section 3): (base bytes, starts with '▁', is control/unk/unused)."""
+    base_bytes = np.zeros(vocab_size, dtype=np.int16)
+    leading_space = np.zeros(vocab_size, dtype=np.bool_)
+    is_boundary = np.ones(vocab_size, dtype=np.bool_)
+    for token in range(vocab_size):
+        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
+            continue
+        is_boundary[token] = False
+        if sp.is_byte(token):
+            base_bytes[token] = 1
+            continue
+        piece = sp.id_to_piece(token)
+        if piece.startswith("▁"):
+            leading_space[token], piece = True, piece[1:]
+        base_bytes[token] = len(piece.encode("utf-8"))
+    return tuple(torch.tensor(a, device=device) for a in (base_bytes, leading_space, is_boundary))
+
+
+def count_target_bytes(prev_ids: Tensor, target_ids: Tensor, luts) -> Tensor:
+    """UTF-8 bytes each target token adds to the text; the '▁' space counts unless it follows a boundary."""
+    base_bytes, leading_space, is_boundary = luts
+    return base_bytes[target_ids].long() + (leading_space[target_ids] & ~is_boundary[prev_ids]).long()
+
+
+# -----------------------------
+# MODEL
+# -----------------------------
+
+
+class RMSNorm(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(torch.arange(seq_len, device=self.inv_freq.device).float(), self.inv_freq)
+        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(dim, kv_dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj.zero_init = True
+        # A learned per-head temperature on the normalized queries (baseline's q_gain).
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.rotary = Rotary(self.head_dim, rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bsz, seq_len, dim = x.shape
+        q = self.c_q(x).reshape(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).reshape(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).reshape(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        cos, sin = self.rotary(seq_len, q.dtype)
+        q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_mult: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, mlp_mult * dim, bias=False)
+        self.proj = nn.Linear(mlp_mult * dim, dim, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_mult: int, rope_base: float,
+                 qk_gain_init: float):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
+        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rope_base, qk_gain_init)
+        self.mlp = MLP(dim, mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        # Each block may mix the embedding x0 back into its input (baseline's resid_mix).
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        x = self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.attn_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """The baseline GPT (U-net skips between the first and second half of the blocks, tied embeddings,
+    tanh logit soft-cap) plus, when `num_experts` > 0, a gate Linear(model_dim -> 1 + num_experts) that weighs
+    the neural distribution (slot 0) against the n-gram experts."""
+
+    def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
+                 mlp_mult: int, rope_base: float, logit_softcap: float, qk_gain_init: float,
+                 tied_embed_init_std: float, num_experts: int = 0, neural_floor: float = 0.05,
+                 mixture_loss_weight: float = 0.1):
+        super().__init__()
+        self.logit_softcap = logit_softcap
+        self.neural_floor, self.mixture_loss_weight = neural_floor, mixture_loss_weight
+        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        # The first half of the blocks stores skips that the second half adds back in reverse order.
+        self.num_encoder_layers = num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder_layers, model_dim))
+        self.blocks = nn.ModuleList(Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init)
+                                    for _ in range(num_layers))
+        self.final_norm = RMSNorm()
+        self.gate = nn.Linear(model_dim, 1 + num_experts) if num_experts else None
+        nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
+        if self.gate is not None:
+            # Start by trusting the neural model: zero weights, bias +2 on the neural slot (PR #834's init).
+            nn.init.zeros_(self.gate.weight)
+            with torch.no_grad():
+                self.gate.bias.zero_()[0] = 2.0
+
+    def hidden(self, input_ids: Tensor) -> Tensor:  # [B, T] int64 -> [B, T, D]
+        x = x0 = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            decoder_index = i - self.num_encoder_layers
+            if decoder_index >= 0 and skips:
+                x = x + self.skip_weights[decoder_index].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if decoder_index < 0:
+                skips.append(x)
+        return self.final_norm(x)
+
+    def logits(self, h: Tensor) -> Tensor:  # [..., D] -> [..., V] float32, soft-capped
+        logits = F.linear(h, self.tok_emb.weight).float()
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+
+    def gate_logits(self, h: Tensor) -> Tensor:  # [..., D] -> [..., 1 + K] float32
+        return self.gate(h).float()
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, expert_probs: Tensor | None = None,
+                expert_valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Training loss = neural CE + weight x mixture NLL. Returns (loss, neural CE, mixture NLL);
+        expert_probs / expert_valid are [K, B*T] for the targets, from n-gram counts that exclude them."""
+        h = self.hidden(input_ids).reshape(-1, self.tok_emb.embedding_dim)
+        logits, targets = self.logits(h), target_ids.reshape(-1)
+        ce = F.cross_entropy(logits, targets)
+        if expert_probs is None:
+            return ce, ce.detach(), ce.detach()
+        mix_nll = -mixture_logprob(logits, targets, expert_probs, expert_valid, self.gate_logits(h),
+                                   self.neural_floor).mean()
+        return ce + self.mixture_loss_weight * mix_nll, ce.detach(), mix_nll.detach()
+
+
+def build_model(args: Hyperparameters, device: torch.device) -> GPT:
+    return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
+               args.rope_base, args.logit_softcap, args.qk_gain_init, args.tied_embed_init_std,
+               num_experts=len(ngram_orders(args)), neural_floor=args.ngram_neural_floor,
+               mixture_loss_weight=args.ngram_loss_weight).to(device)
+
+
+# -----------------------------
+# N-GRAM EXPERTS
+# -----------------------------
+
+
+def expert_inputs(tables: NgramTables, stream: Tensor, positions: Tensor, min_count: int,
+                  exclude_self: bool | Tensor = False) -> tuple[Tensor, Tensor]:
+    """The experts' probabilities of stream[t] for each position t: ([K, P] float32, [K, P] bool valid).
+    An expert is valid where its context was seen at least `min_count` times; the gate ignores the others."""
+    context_count, pair_count = tables.lookup(stream, positions, exclude_self=exclude_self)
+    valid = context_count >= max(min_count, 1)
+    probs = torch.where(valid, pair_count.float() / context_count.clamp_min(1).float(), 0.0)
+    return probs, valid
+
+
+def leave_one_out_mask(orders: tuple[int, ...], stream_positions: Tensor, prefill_tokens: int) -> Tensor:
+    """[K, P] bool: where the n-gram ending at these train-stream positions was counted into the frozen tables,
+    so its own occurrence must be subtracted. The tables hold stream[0:prefill_tokens]; an n-gram whose window
+    wraps past the end of the stream back to its start (position < n-1) was never counted."""
+    order = torch.tensor(orders, device=stream_positions.device)[:, None]
+    return (stream_positions < prefill_tokens)[None, :] & (stream_positions[None, :] >= order - 1)
+
+
+# -----------------------------
+# EVALUATION
+# -----------------------------
+# Every target t in [1, N) of the val stream is scored exactly once, from a normalized distribution that
+# depends only on tokens < t (plus, with the cache and TTT, on tokens of earlier, already-scored chunks).
+
+
+def window_schedule(first: int, end: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sliding windows that score targets [first, end) once each. Window i reads tokens[start[i] : hi[i] - 1]
+    (at most seq_len) and scores targets lo[i] <= t < hi[i], its last <= stride positions, so every target sees
+    at least seq_len - stride tokens of context, or all the context there is. stride == seq_len gives the plain
+    non-overlapping evaluation."""
+    lo = torch.arange(first, end, stride)
+    hi = (lo + stride).clamp(max=end)
+    start = (hi - 1 - seq_len).clamp(min=0)
+    # Windows that start at token 0 all see every token before their targets: one window scores them all.
+    n_head = int((start == 0).sum())
+    if n_head > 1:
+        lo, hi, start = torch.cat((lo[:1], lo[n_head:])), hi[n_head - 1:], start[n_head - 1:]
+    return start, lo, hi
+
+
+@dataclass
+class EvalSetup:
+    model: GPT
+    hidden_fn: object  # model.hidden, compiled on CUDA
+    tokens: Tensor  # [N] int64 val stream on the device
+    luts: tuple
+    seq_len: int
+    stride: int
+    windows_per_batch: int
+    rank: int
+    world_size: int
+    min_count: int = 2
+    autocast: object = nullcontext
+
+
+def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None = None,
+               audit_positions: Tensor | None = None, per_target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Score this rank's share of the windows covering targets [first, end). Returns (sums, audit) where sums =
+    [neural NLL, mixture NLL, bytes, tokens] (float64) and audit = [positions, max |sum p - 1|, max gold error].
+    With `cache`, each target's distribution mixes in the cache experts through the model's gate; the cache must
+    hold only tokens < first (score-then-update). `per_target`, if given, receives each mixture NLL at [t - 1]."""
+    tokens, model, device = setup.tokens, setup.model, setup.tokens.device
+    start, lo, hi = (t.to(device) for t in window_schedule(first, end, setup.seq_len, setup.stride))
+    n = len(start)
+    share = slice(n * setup.rank // setup.world_size, n * (setup.rank + 1) // setup.world_size)
+    start, lo, hi = start[share], lo[share], hi[share]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    audit = torch.zeros(3, dtype=torch.float64, device=device)
+    offsets = torch.arange(setup.seq_len, device=device)
+    for i in range(0, len(start), setup.windows_per_batch):
+        batch = slice(i, i + setup.windows_per_batch)
+        input_index = (start[batch, None] + offsets).clamp(max=len(tokens) - 1)
+        target_index = input_index + 1
+        # Past a short window's end the inputs are later tokens; causal attention keeps them out of its targets.
+        scored = (target_index >= lo[batch, None]) & (target_index < hi[batch, None])
+        with setup.autocast():
+            h = setup.hidden_fn(tokens[input_index])[scored]
+            logits = model.logits(h)
+        positions = target_index[scored]
+        targets = tokens[positions]
+        neural_lp = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        mixed_lp = neural_lp
+        if cache is not None:
+            probs, valid = expert_inputs(cache, tokens, positions, setup.min_count)
+            gate = model.gate_logits(h)
+            mixed_lp = mixture_logprob(logits, targets, probs, valid, gate, model.neural_floor)
+            if audit_positions is not None:
+                audit = audit_distributions(setup, cache, positions, logits, gate, valid, mixed_lp,
+                                            audit_positions, audit)
+        n_bytes = count_target_bytes(tokens[positions - 1], targets, setup.luts)
+        sums += torch.stack((-neural_lp.double().sum(), -mixed_lp.double().sum(), n_bytes.double().sum(),
+                             torch.tensor(float(len(positions)), dtype=torch.float64, device=device)))
+        if per_target is not None:
+            per_target[positions - 1] = -mixed_lp.double()
+    return sums, audit
+
+
+def audit_distributions(setup: EvalSetup, cache: NgramTables, positions: Tensor, logits: Tensor, gate: Tensor,
+                        valid: Tensor, mixed_lp: Tensor, audit_positions: Tensor, audit: Tensor) -> Tensor:
+    """Materialize the full mixed distribution over the vocabulary at the audited positions, from exactly the
+    state that scored them, and track how far it is from summing to 1 and from the scored gold probability."""
+    rows = torch.nonzero(torch.isin(positions, audit_positions)).flatten()
+    context_len = max(cache.orders) - 1
+    for row in rows.tolist():
+        t = int(positions[row])
+        expert_dists = cache.distribution(setup.tokens[max(0, t - context_len):t])[:, None, :]
+        dist_row = mixture_distribution(logits[row:row + 1], expert_dists, valid[:, row:row + 1],
+                                        gate[row:row + 1], setup.model.neural_floor)[0]
+        sum_err = (dist_row.sum() - 1.0).abs()
+        gold_err = (dist_row[setup.tokens[t]] - mixed_lp[row].double().exp()).abs()
+        audit = torch.stack((audit[0] + 1, torch.maximum(audit[1], sum_err), torch.maximum(audit[2], gold_err)))
+    return audit
+
+
+def all_reduce(tensor: Tensor, op=None) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def eval_val(setup: EvalSetup) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) of the neural model over every val target."""
+    was_training = setup.model.training
+    setup.model.eval()
+    with torch.inference_mode():
+        sums, _ = score_span(setup, 1, len(setup.tokens))
+    setup.model.train(was_training)
+    nll, _, n_bytes, n_tokens = all_reduce(sums).tolist()
+    return nll / n_tokens, nll / math.log(2.0) / n_bytes
+
+
+def chunk_bounds(n_tokens: int, chunk_tokens: int) -> list[int]:
+    """Target boundaries 1 = b0 < b1 < ... = n_tokens of the score-then-update chunks."""
+    return list(range(1, n_tokens, chunk_tokens)) + [n_tokens]
+
+
+def ttt_on_chunk(setup: EvalSetup, optimizer: torch.optim.Optimizer, params: list[Tensor], first: int,
+                 end: int, epochs: int) -> None:
+    """Test-time training on targets [first, end), which have all been scored already: `epochs` SGD steps on the
+    chunk's CE, the chunk's sequences split across ranks and the gradients summed so all ranks stay identical."""
+    seq_len = min(setup.seq_len, end - first)
+    n_seqs = (end - first) // seq_len
+    starts = (first - 1 + seq_len * torch.arange(n_seqs, device=setup.tokens.device))[setup.rank::setup.world_size]
+    index = starts[:, None] + torch.arange(seq_len, device=starts.device)
+    setup.model.train()
+    for _ in range(epochs):
+        optimizer.zero_grad(set_to_none=False)
+        if len(starts):
+            with setup.autocast():
+                logits = setup.model.logits(setup.hidden_fn(setup.tokens[index]))
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), setup.tokens[index + 1].reshape(-1),
+                                       reduction="sum")
+            (loss / (n_seqs * seq_len)).backward()
+        if setup.world_size > 1:
+            flat = all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        optimizer.step()
+    setup.model.eval()
+
+
+@dataclass
+class NgramEvalResult:
+    val_loss: float
+    val_bpb: float
+    neural_val_loss: float
+    scored_tokens: int
+    scored_bytes: int
+    audit_positions: int
+    audit_sum_err: float
+    audit_gold_err: float
+    time_ms: dict
+    per_target_nll: Tensor | None = None
+
+
+def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], orders: tuple[int, ...], ttt_epochs: int, ttt_lr: float,
+                   ttt_momentum: float, audit_positions: Tensor | None = None,
+                   return_per_target: bool = False) -> NgramEvalResult:
+    """Score-then-update over the chunks [bounds[i], bounds[i+1]): score every target of the chunk (neural +
+    cache experts + gate), THEN extend the cache with the chunk, THEN train on it (TTT). The cache starts empty
+    and is identical on all ranks; nothing of a chunk reaches the cache or the weights before it is scored."""
+    tokens, device = setup.tokens, setup.tokens.device
+    cache = NgramTables(setup.model.tok_emb.num_embeddings, orders, device=device) if orders else None
+    # TTT adapts every transformer weight; the gate has no CE gradient and stays as trained.
+    params = [p for name, p in setup.model.named_parameters() if not name.startswith("gate.")]
+    optimizer = torch.optim.SGD(params, lr=ttt_lr, momentum=ttt_momentum) if ttt_epochs > 0 else None
+    for p in params:
+        p.grad = torch.zeros_like(p) if optimizer else None
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    audit = torch.zeros(3, dtype=torch.float64, device=device)
+    per_target = torch.zeros(len(tokens) - 1, dtype=torch.float64, device=device) if return_per_target else None
+    time_ms = dict(score=0.0, cache=0.0, ttt=0.0)
+    cached_until = 0
+    setup.model.eval()
+
+    def timed(key, fn, *fn_args):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(*fn_args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        time_ms[key] += 1000.0 * (time.perf_counter() - t0)
+        return out
+
+    def score(first, end):
+        with torch.inference_mode():
+            return score_span(setup, first, end, cache, audit_positions, per_target)
+
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        chunk_sums, chunk_audit = timed("score", score, first, end)
+        sums += chunk_sums
+        audit = torch.cat((audit[:1] + chunk_audit[:1], torch.maximum(audit[1:], chunk_audit[1:])))
+        if end == bounds[-1]:
+            break  # nothing is left to score, so the last chunk need not be learned from
+        if cache is not None:
+            timed("cache", cache.extend, tokens[cached_until:end])
+            cached_until = end
+        if optimizer is not None:
+            timed("ttt", ttt_on_chunk, setup, optimizer, params, first, end, ttt_epochs)
+    all_reduce(sums)
+    all_reduce(audit[:1])
+    all_reduce(audit[1:], dist.ReduceOp.MAX if dist.is_initialized() else None)
+    if per_target is not None:
+        all_reduce(per_target)
+    neural_nll, mixed_nll, n_bytes, n_tokens = sums.tolist()
+    time_ms["total"] = sum(time_ms.values())
+    return NgramEvalResult(mixed_nll / n_tokens, mixed_nll / math.log(2.0) / n_bytes, neural_nll / n_tokens,
+                           int(n_tokens), int(n_bytes), int(audit[0]), float(audit[1]), float(audit[2]), time_ms,
+                           per_target)
+
+
+def sample_audit_positions(n_tokens: int, count: int, seed: int, device: torch.device) -> Tensor:
+    """Random val targets (same on every rank) whose full mixed distributions the legality audit materializes."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.unique(torch.randint(1, n_tokens, (count,), generator=generator)).to(device)
+
+
+# -----------------------------
+# QUANTIZATION + COMPRESSION
+# -----------------------------
+# The score is always that of the artifact: quantize, compress, write, read back, decompress, dequantize, eval.
+
+QUANT_MIN_NUMEL = 65_536  # smaller tensors (norm scales, residual mixes, the gate) stay fp16: few bytes, touchy
+ZSTD_LEVEL = 22
+
+
+def quantize_state_dict(state_dict: dict[str, Tensor], bits: int) -> dict:
+    """Per-row symmetric quantization of the large matrices to [-qmax, qmax] (int8 storage; int6 values compress
+    better) with one fp16 scale per row; every other tensor is stored as fp16."""
+    qmax = 2 ** (bits - 1) - 1
+    blob = {"__format__": f"int{bits}_zstd_v1", "quantized": {}, "scales": {}, "float16": {}, "dtypes": {}}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().cpu().float()
+        blob["dtypes"][name] = str(tensor.dtype).removeprefix("torch.")
+        if t.ndim == 2 and t.numel() >= QUANT_MIN_NUMEL:
+            # The clamp keeps all-zero rows finite; quantizing with the fp16-rounded scale makes dequant exact.
+            scale = (t.abs().amax(dim=1) / qmax).clamp_min(2.0 ** -14).half()
+            blob["quantized"][name] = torch.round(t / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
+            blob["scales"][name] = scale
+        else:
+            blob["float16"][name] = t.half()
+    return blob
+
+
+def dequantize_state_dict(blob: dict) -> dict[str, Tensor]:
+    tensors = {name: q.float() * blob["scales"][name].float()[:, None] for name, q in blob["quantized"].items()}
+    tensors.update((name, t.float()) for name, t in blob["float16"].items())
+    return {name: tensors[name].to(getattr(torch, dtype)) for name, dtype in blob["dtypes"].items()}
+
+
+def compress_artifact(blob: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(buffer.getvalue())
+
+
+def load_artifact(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact not found: {path}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+    except zstandard.ZstdError as err:
+        raise ValueError(f"{path}: not a zstd-compressed artifact ({err})") from None
+    blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if blob.get("__format__") not in ("int8_zstd_v1", "int6_zstd_v1"):
+        raise ValueError(f"{path}: unknown artifact format {blob.get('__format__')!r}")
+    return blob
+
+
+def check_artifact_size(total_bytes: int) -> bool:
+    return total_bytes <= ARTIFACT_CAP_BYTES
+
+
+# -----------------------------
+# TRAINING
+# -----------------------------
+
+
+def main() -> None:
+    args = Hyperparameters()
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    validate_hyperparameters(args, world_size)
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if distributed:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    master = rank == 0
+    compile_model = args.compile and use_cuda
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_cuda else nullcontext
+
+    def sync() -> None:
+        if use_cuda:
+            torch.cuda.synchronize()
+
+    # Every rank must agree on the run id: it names the artifact they all reload.
+    run_id = [args.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]]
+    if distributed:
+        dist.broadcast_object_list(run_id)
+    run_id = run_id[0]
+    log_path, artifact_path = Path("logs") / f"{run_id}.txt", Path(f"final_model.{run_id}.ptz")
+    if not args.eval_artifact and (log_path.exists() or artifact_path.exists()):
+        raise FileExistsError(f"{log_path} or {artifact_path} exists: set another RUN_ID so earlier runs are kept")
+    if distributed:
+        dist.barrier()
+    if master:
+        log_path.parent.mkdir(exist_ok=True)
+
+    def log0(msg: str, console: bool = True) -> None:
+        if master:
+            if console:
+                print(msg, flush=True)
+            with open(log_path, "a", encoding="utf-8") as f:
+                print(msg, file=f)
+
+    code_files = [Path(__file__).resolve(), Path(ngram_mixer.__file__).resolve()]
+    code = [f.read_bytes() for f in code_files]
+    for path, source in zip(code_files, code):
+        log0(f"===== {path.name} =====\n{source.decode('utf-8')}", console=False)
+    log0(f"Running Python {sys.version.split()[0]}, PyTorch {torch.__version__}, "
+         f"{torch.cuda.get_device_name(device) if use_cuda else 'CPU'}", console=False)
+    log0(f"run_id:{run_id}")
+    for name in sorted(vars(Hyperparameters)):
+        if not name.startswith("_"):
+            log0(f"hparam {name}:{getattr(args, name)}")
+    log0(f"world_size:{world_size} grad_accum_steps:{MICRO_BATCHES_PER_STEP // world_size} device:{device} "
+         f"torch:{torch.__version__} compile:{compile_model}")
+    log0(f"code_sha256:{hashlib.sha256(b''.join(code)).hexdigest()}")
+    code_bytes = sum(len(c) for c in code)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = build_byte_luts(sp, args.vocab_size, device)
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens).to(device)
+    log0(f"val_tokens:{len(val_tokens)} scored_targets:{len(val_tokens) - 1}")
+    orders = ngram_orders(args)
+
+    def eval_setup(model: GPT, stride: int) -> EvalSetup:
+        hidden_fn = torch.compile(model.hidden) if compile_model else model.hidden
+        windows_per_batch = max(1, args.val_batch_size // (world_size * args.train_seq_len))
+        return EvalSetup(model, hidden_fn, val_tokens, luts, args.train_seq_len, stride, windows_per_batch, rank,
+                         world_size, args.ngram_min_count, autocast)
+
+    def log_peak_memory() -> None:
+        if use_cuda:
+            log0(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        else:
+            log0(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+
+    def evaluate_artifact(path: Path) -> None:
+        model_bytes = path.stat().st_size
+        blob = load_artifact(path)
+        quant = blob["__format__"].removesuffix("_v1")
+        log0(f"Serialized model {quant}: {model_bytes} bytes")
+        log0(f"Code size: {code_bytes} bytes")
+        log0(f"Total submission size {quant}: {code_bytes + model_bytes} bytes")
+        if not check_artifact_size(code_bytes + model_bytes):
+            log0(f"ARTIFACT_OVER_CAP total:{code_bytes + model_bytes} cap:{ARTIFACT_CAP_BYTES}")
+            sys.exit(3)
+        model = build_model(args, device)
+        model.load_state_dict(dequantize_state_dict(blob))
+        setup = eval_setup(model, args.eval_stride)
+        sync()
+        t0 = time.perf_counter()
+        val_loss, val_bpb = eval_val(setup)
+        sync()
+        roundtrip_ms = 1000.0 * (time.perf_counter() - t0)
+        log0(f"final_{quant}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{roundtrip_ms:.0f}ms")
+        log0(f"final_{quant}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        if not (orders or args.ttt):
+            return
+        audit = sample_audit_positions(len(val_tokens), args.audit_positions, args.seed, device) if orders else None
+        result = eval_ngram_ttt(setup, chunk_bounds(len(val_tokens), args.eval_chunk_tokens), orders,
+                                args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, audit)
+        if orders:
+            log0(f"legality_audit positions:{result.audit_positions} max_abs_sum_err:{result.audit_sum_err:.3e} "
+                 f"max_gold_err:{result.audit_gold_err:.3e}")
+            if not (result.audit_positions > 0 and max(result.audit_sum_err, result.audit_gold_err) <= 1e-4):
+                log0("LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1 or does not match its score")
+                sys.exit(4)
+        times = dict(result.time_ms, total=result.time_ms["total"] + roundtrip_ms)
+        log0(f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
+        log0("eval_time " + " ".join(f"{k}:{v:.0f}ms" for k, v in dict(roundtrip=roundtrip_ms, **times).items()))
+        log0(f"final_ngram_ttt val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+             f"neural_val_loss:{result.neural_val_loss:.4f}")
+        log0(f"final_ngram_ttt_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+
+    if args.eval_artifact:
+        evaluate_artifact(Path(args.eval_artifact))
+        log_peak_memory()
+        return
+
+    # Model and optimizers: Muon for the block matrices, Adam for the embedding, the scalars and the gate.
+    base_model = build_model(args, device)
+    compiled_model = torch.compile(base_model) if compile_model else base_model
+    model = DDP(compiled_model, device_ids=[local_rank] if use_cuda else None,
+                broadcast_buffers=False) if distributed else compiled_model
+    matrix_params = [m.weight for m in base_model.blocks.modules() if isinstance(m, nn.Linear)]
+    matrix_ids = {id(p) for p in matrix_params}
+    scalar_params = [p for p in base_model.blocks.parameters() if id(p) not in matrix_ids] + [base_model.skip_weights]
+    adam_groups = [dict(params=[base_model.tok_emb.weight], lr=args.tied_embed_lr),
+                   dict(params=scalar_params, lr=args.scalar_lr)]
+    if base_model.gate is not None:
+        adam_groups.append(dict(params=list(base_model.gate.parameters()), lr=args.ngram_gate_lr))
+    optimizers = [torch.optim.Adam(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=use_cuda),
+                  Muon(matrix_params, lr=args.matrix_lr, momentum=args.muon_momentum,
+                       backend_steps=args.muon_backend_steps)]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    log0(f"model_params:{sum(p.numel() for p in base_model.parameters())} ngram_orders:{list(orders)}")
+
+    train_files = list_shards(args.data_path, "train")
+    grad_accum_steps = MICRO_BATCHES_PER_STEP // world_size
+    local_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
+    positions = torch.arange(1, local_tokens + 1, device=device)
+    max_wallclock_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+
+    # Frozen n-gram tables from the first NGRAM_PREFILL_TOKENS of the train stream, identical on every rank.
+    # Prefill counts against the training wallclock.
+    sync()
+    t0 = time.perf_counter()
+    tables, prefill_tokens = None, 0
+    if orders:
+        prefill_stream = TokenStream(train_files, args.vocab_size)
+        prefill_tokens = min(args.ngram_prefill_tokens, prefill_stream.total_tokens)
+        tables = NgramTables(args.vocab_size, orders, device=device)
+        for begin in range(0, prefill_tokens, 1 << 26):
+            tables.extend(prefill_stream.take(min(1 << 26, prefill_tokens - begin)).to(device, torch.int64))
+        sync()
+    prefill_ms = 1000.0 * (time.perf_counter() - t0)
+    if tables is not None:
+        log0(f"ngram_prefill tokens:{prefill_tokens} time:{prefill_ms:.0f}ms bytes:{tables.nbytes()}")
+
+    def train_step(loader: DistributedTokenLoader) -> Tensor:
+        """One optimizer step's forward/backward over this rank's micro-batches; returns mean [loss, CE, mix]."""
+        stats = torch.zeros(3, device=device)
+        for micro_step in range(grad_accum_steps):
+            x, y, local, stream_position = loader.next_batch(local_tokens, args.train_seq_len)
+            probs = valid = None
+            if tables is not None:
+                stream_positions = (stream_position + positions) % loader.stream.total_tokens
+                probs, valid = expert_inputs(tables, local, positions, args.ngram_min_count,
+                                             leave_one_out_mask(orders, stream_positions, prefill_tokens))
+            if distributed:
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            with autocast():
+                loss, ce, mix_nll = model(x, y, probs, valid)
+            (loss / grad_accum_steps).backward()
+            stats += torch.stack((loss.detach(), ce, mix_nll)).float() / grad_accum_steps
+        return stats
+
+    def optimizer_step(step: int, lr_scale: float) -> None:
+        momentum_frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+        for group in optimizers[1].param_groups:
+            group["momentum"] = (1 - momentum_frac) * args.muon_momentum_warmup_start + \
+                momentum_frac * args.muon_momentum
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def lr_scale(step: int, elapsed_ms: float) -> float:
+        # Linear warmdown over the last WARMDOWN_ITERS steps, counted by iterations and, under a wallclock cap,
+        # by the projected time left, whichever comes first, so a run ends cooled down either way.
+        if args.warmdown_iters <= 0:
+            return 1.0
+        scale = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+        if max_wallclock_ms is not None and step > 0:
+            warmdown_ms = args.warmdown_iters * elapsed_ms / step
+            scale = min(scale, max(max_wallclock_ms - elapsed_ms, 0.0) / warmdown_ms)
+        return scale
+
+    # Warmup steps prime torch.compile and the kernels, then the initial weights, optimizer state and data
+    # stream are restored, so measured training starts from the true init (as in the challenge baseline).
+    train_loader = DistributedTokenLoader(train_files, rank, world_size, device, args.vocab_size)
+    if args.warmup_steps > 0:
+        initial_model = copy.deepcopy(base_model.state_dict())
+        initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        for warmup_step in range(args.warmup_steps):
+            train_step(train_loader)
+            optimizer_step(0, 1.0)
+            if warmup_step < 3 or warmup_step + 1 == args.warmup_steps:
+                log0(f"warmup_step:{warmup_step + 1}/{args.warmup_steps}")
+        base_model.load_state_dict(initial_model)
+        for opt, state in zip(optimizers, initial_optimizers):
+            opt.load_state_dict(state)
+        train_loader = DistributedTokenLoader(train_files, rank, world_size, device, args.vocab_size)
+
+    val_setup = eval_setup(base_model, args.train_seq_len)
+    training_time_ms, stop_after_step, step = prefill_ms, None, 0
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
+        if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+            sync()
+            training_time_ms += 1000.0 * (time.perf_counter() - t0)
+            val_loss, val_bpb = eval_val(val_setup)
+            log0(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                 f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last_step:
+            if stop_after_step is not None and step < args.iterations:
+                log0(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{args.iterations}")
+            break
+        elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        stats = train_step(train_loader)
+        optimizer_step(step, lr_scale(step, elapsed_ms))
+        step += 1
+        approx_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        # One small all-reduce per step: stop together at the cap, and fail fast on a non-finite loss.
+        flags = torch.stack((torch.tensor(float(max_wallclock_ms is not None and approx_ms >= max_wallclock_ms),
+                                          device=device), (~torch.isfinite(stats)).any().float()))
+        reached_cap, non_finite = all_reduce(flags, dist.ReduceOp.MAX if distributed else None).tolist()
+        if non_finite:
+            raise RuntimeError(f"non-finite train loss at step {step}: loss, CE, mix = {stats.tolist()}")
+        if stop_after_step is None and reached_cap:
+            stop_after_step = step
+        if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or
+                                         stop_after_step is not None or step == args.iterations):
+            _, ce, mix_nll = (all_reduce(stats) / world_size).tolist()
+            log0(f"step:{step}/{args.iterations} train_loss:{ce:.4f} train_time:{approx_ms:.0f}ms "
+                 f"step_avg:{approx_ms / step:.2f}ms" + (f" mix_nll:{mix_nll:.4f}" if tables is not None else ""))
+    log_peak_memory()
+    del tables
+
+    if master:
+        artifact_path.write_bytes(compress_artifact(quantize_state_dict(base_model.state_dict(), args.quant_bits)))
+    if distributed:
+        dist.barrier()
+    evaluate_artifact(artifact_path)
+    log_peak_memory()
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
