@@ -19,7 +19,7 @@ Normalization. Per order n the table is ONE sorted array of distinct pair keys c
 exact) and a running count array cum, with count(pair_keys[i]) = cum[i+1] - cum[i]. The pairs of one context fill
 the key range [ctx_key*V, ctx_key*V + V), so its context count is read as cum[hi] - cum[lo] over that range: it IS
 the sum of its pair counts, and sum_v c(ctx, v) / c(ctx) = 1 by construction. There is no separate context table
-that could disagree (PR #834 kept one; its scores sum to hundreds over the vocabulary, see bucketed_score_mass).
+that could disagree (PR #834 kept one; its scores sum to hundreds over the vocabulary, see BucketedTables).
 
 Keys. b = ceil(log2 V). If n*b <= 63 the context key packs the n-1 ids exactly (base V, oldest id most
 significant), so a pair key is the base-V number of the n-gram. Otherwise the ids are packed into words of
@@ -402,7 +402,7 @@ def _lookup_triton(keys, cum, offsets, base, tokens, vocab_size):
 
 
 def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neural_floor: float) -> torch.Tensor:
-    """Mixing weights float32 [P, 1+K] (column 0 neural), each row summing to 1.
+    """Mixing weights float32 (float64 for float64 gate logits) [P, 1+K], column 0 neural, rows summing to 1.
 
     gate_logits: [P, 1+K] float; expert_valid: [K, P] bool; neural_floor in [0, 1]. softmax over the neural slot
     and the valid experts (invalid ones get weight 0), then w0 <- max(w0, neural_floor) with the experts' share
@@ -411,7 +411,9 @@ def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neura
     if not 0.0 <= neural_floor <= 1.0:
         raise ValueError(f"neural_floor must be in [0, 1], got {neural_floor}")
     slots = torch.cat([expert_valid.new_ones(expert_valid.shape[1], 1), expert_valid.T], dim=1)
-    w = torch.softmax(gate_logits.float().masked_fill(~slots, float("-inf")), dim=1)
+    # at least float32; float64 gate logits (the audit) keep float64 so the weights sum to 1 to double precision
+    gate_logits = gate_logits.to(torch.promote_types(gate_logits.dtype, torch.float32))
+    w = torch.softmax(gate_logits.masked_fill(~slots, float("-inf")), dim=1)
     w0 = w[:, :1].clamp(min=neural_floor)
     share = w[:, 1:].sum(dim=1, keepdim=True)
     # a safe denominator inside where(): a bare 0/0 branch would put NaN into the backward pass
@@ -427,11 +429,17 @@ def mixture_logprob(neural_logits, targets, expert_probs, expert_valid, gate_log
     where invalid); expert_valid: [K, P] bool (a valid expert's distribution must sum to 1);
     gate_logits: [P, 1+K] float; neural_floor: float in [0, 1]. Gradients reach neural_logits and gate_logits.
     """
-    w = mixture_weights(gate_logits, expert_valid, neural_floor)
-    # the neural term stays in log space: softmax(neural)[y] can underflow float32 where its log cannot
     neural = torch.log_softmax(neural_logits.float(), dim=1).gather(1, targets[:, None])[:, 0]
-    # w0 is >= neural_floor; the clamp only keeps log() finite when the floor is 0 and w0 underflows
-    neural = neural + torch.log(w[:, 0].clamp(min=torch.finfo(torch.float32).tiny))
+    return mixture_logprob_from_neural(neural, expert_probs, expert_valid, gate_logits, neural_floor)
+
+
+def mixture_logprob_from_neural(neural_logprob, expert_probs, expert_valid, gate_logits, neural_floor: float):
+    """mixture_logprob given the neural model's log-probability of each target, neural_logprob [P] float (from a
+    log_softmax over the full vocabulary), for callers that already computed it for their own cross-entropy."""
+    w = mixture_weights(gate_logits, expert_valid, neural_floor)
+    # the neural term stays in log space: softmax(neural)[y] can underflow float32 where its log cannot;
+    # w0 is >= neural_floor, and the clamp only keeps log() finite when the floor is 0 and w0 underflows
+    neural = neural_logprob.float() + torch.log(w[:, 0].clamp(min=torch.finfo(torch.float32).tiny))
     experts = (w[:, 1:] * torch.where(expert_valid, expert_probs.float(), 0.0).T).sum(dim=1)
     some = experts > 0
     log_experts = torch.where(some, torch.log(torch.where(some, experts, 1.0)), float("-inf"))
@@ -445,38 +453,71 @@ def mixture_distribution(neural_logits, expert_dists, expert_valid, gate_logits,
     [K, P] bool; gate_logits: [P, 1+K] float; neural_floor: float in [0, 1].
     """
     # float64, so that the audit's sum-to-1 check measures the mixture rather than rounding
-    w = mixture_weights(gate_logits, expert_valid, neural_floor).double()
-    neural = torch.softmax(neural_logits.float(), dim=1).double()
+    w = mixture_weights(gate_logits.double(), expert_valid, neural_floor)
+    neural = torch.softmax(neural_logits.double(), dim=1)
     experts = torch.where(expert_valid[..., None], expert_dists.double(), 0.0)
     return w[:, :1] * neural + torch.einsum("pk,kpv->pv", w[:, 1:], experts)
 
 
-def bucketed_score_mass(table_tokens, stream, positions, vocab_size: int, order: int, buckets: int = 1 << 20):
-    """The INVALID PR #834 score, reproduced for contrast only: never score with it.
+class BucketedTables:
+    """The INVALID scheme of PR #834, reproduced for contrast only: never score with it.
 
-    Counts n-grams (n = order) of table_tokens ([N] int) in two separate tables of `buckets` counters,
-    ctx[hash(context) mod B] and pair[hash(context, token) mod B], and scores token v after a context as
-    min(pair, ctx) / ctx (0 where ctx is 0). stream: [L] int, positions: [P] int in [order-1, L).
-    Returns (mass, gold), float64 [P]: the score summed over all V tokens (a distribution would give 1; this
-    gives far more), and the score of the actual token stream[t], what that scheme would claim as p(y).
+    Same interface as NgramTables (extend / lookup / distribution), so the real evaluation can run it and its
+    legality audit can reject it. Per order, two separate tables of `buckets` counters, ctx[hash(context) mod B]
+    and pair[hash(context, token) mod B], and the score of token v after a context is min(pair, ctx) / ctx.
+    A pair bucket mixes unrelated (context, token) pairs and nothing ties it to its context bucket, so summed over
+    the vocabulary these scores reach far above 1: they are not a distribution and their "BPB" measures nothing.
     """
-    if buckets < 1 or buckets & (buckets - 1):
-        raise ValueError(f"buckets must be a power of two, got {buckets}")
-    table_tokens = _as_ids(table_tokens, "table_tokens", vocab_size, None)
-    stream = _as_ids(stream, "stream", vocab_size, table_tokens.device)
-    positions = _as_ids(positions, "positions", stream.numel(), stream.device)
-    if positions.numel() and int(positions.min()) < order - 1:
-        raise ValueError(f"positions must be >= order - 1 = {order - 1}, got {int(positions.min())}")
-    mask = buckets - 1
-    # as in PR #834: a pair bucket's count mixes unrelated (context, token) pairs, and nothing ties it to the
-    # context bucket, so min(pair, ctx) / ctx is not a distribution over tokens
-    counted = torch.arange(order - 1, table_tokens.numel(), device=table_tokens.device)
-    (ctx_key,) = _context_keys(_columns(table_tokens, counted, order), vocab_size, (order,))
-    ctx_table = torch.bincount(_mix64(ctx_key) & mask, minlength=buckets)
-    pair_table = torch.bincount(_mix64(ctx_key * vocab_size + table_tokens[counted]) & mask, minlength=buckets)
-    (ctx_key,) = _context_keys(_columns(stream, positions, order), vocab_size, (order,))
-    ctx = ctx_table[_mix64(ctx_key) & mask].double()[:, None]
-    candidates = ctx_key[:, None] * vocab_size + torch.arange(vocab_size, device=stream.device)
-    pair = pair_table[_mix64(candidates) & mask].double()
-    scores = torch.where(ctx > 0, torch.minimum(pair, ctx) / ctx.clamp(min=1), 0.0)
-    return scores.sum(dim=1), scores.gather(1, stream[positions][:, None])[:, 0]
+
+    def __init__(self, vocab_size: int, orders=(2, 3, 4, 5, 6, 7), buckets: int = 1 << 20, device=None):
+        if buckets < 1 or buckets & (buckets - 1):
+            raise ValueError(f"buckets must be a power of two, got {buckets}")
+        self.vocab_size, self.orders, self.max_order, self.mask = vocab_size, tuple(orders), max(orders), buckets - 1
+        self.device = torch.device("cpu" if device is None else device)
+        self.ctx_table = torch.zeros(len(self.orders), buckets, dtype=torch.int64, device=self.device)
+        self.pair_table = torch.zeros_like(self.ctx_table)
+        self._tail = torch.zeros(0, dtype=torch.int64, device=self.device)
+
+    def _bucket_counts(self, stream, positions, candidates):
+        # ctx and pair bucket counts [K, P] (candidates [P]) or [K, P, C] (candidates [P, C]) at the positions
+        contexts = _context_keys(_columns(stream, positions, self.max_order), self.vocab_size, self.orders)
+        ctx, pair = [], []
+        for k, key in enumerate(contexts):
+            ctx.append(self.ctx_table[k][_mix64(key) & self.mask])
+            pair_key = (key[:, None] if candidates.dim() == 2 else key) * self.vocab_size + candidates
+            pair.append(self.pair_table[k][_mix64(pair_key) & self.mask])
+        return torch.stack(ctx), torch.stack(pair)
+
+    def extend(self, tokens: torch.Tensor) -> None:
+        """Count every n-gram ending inside tokens ([N] int) into both bucket tables."""
+        tokens = _as_ids(tokens, "tokens", self.vocab_size, self.device)
+        stream = torch.cat([self._tail, tokens])
+        positions = torch.arange(self._tail.numel(), stream.numel(), device=self.device)
+        contexts = _context_keys(_columns(stream, positions, self.max_order), self.vocab_size, self.orders)
+        for k, (n, key) in enumerate(zip(self.orders, contexts)):
+            counted = positions >= n - 1
+            key = key[counted]
+            self.ctx_table[k] += torch.bincount(_mix64(key) & self.mask, minlength=self.mask + 1)
+            pair_key = key * self.vocab_size + stream[positions[counted]]
+            self.pair_table[k] += torch.bincount(_mix64(pair_key) & self.mask, minlength=self.mask + 1)
+        self._tail = stream[-(self.max_order - 1):].clone()
+
+    def lookup(self, stream: torch.Tensor, positions: torch.Tensor, exclude_self=False):
+        """(ctx bucket count, min(pair, ctx) bucket count), int64 [K, P]: "pair / context" is PR #834's score."""
+        if exclude_self is not False:
+            raise ValueError("BucketedTables only reproduces the evaluation cache; it has no leave-one-out")
+        stream = _as_ids(stream, "stream", self.vocab_size, self.device)
+        positions = _as_ids(positions, "positions", stream.numel(), self.device)
+        ctx, pair = self._bucket_counts(stream, positions, stream[positions])
+        seen = positions >= torch.tensor(self.orders, device=self.device)[:, None] - 1
+        return ctx * seen, torch.minimum(pair, ctx) * seen
+
+    def distribution(self, context: torch.Tensor) -> torch.Tensor:
+        """The scores of every token after context, float64 [K, V]; rows sum far above 1 (that is the point)."""
+        context = _as_ids(context, "context", self.vocab_size, self.device)
+        stream = torch.cat([context, context.new_zeros(1)])
+        position = torch.tensor([context.numel()], device=self.device)
+        ctx, pair = self._bucket_counts(stream, position, torch.arange(self.vocab_size, device=self.device)[None])
+        ctx, pair = ctx[:, 0, None].double(), pair[:, 0].double()
+        seen = context.numel() >= torch.tensor(self.orders, device=self.device)[:, None] - 1
+        return torch.where(seen & (ctx > 0), torch.minimum(pair, ctx) / ctx.clamp(min=1), 0.0)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import NgramTables, mixture_distribution, mixture_logprob
+from ngram_mixer import NgramTables, mixture_distribution, mixture_logprob_from_neural
 
 # -----------------------------
 # HYPERPARAMETERS
@@ -98,7 +98,7 @@ class Hyperparameters:
     # N-gram mixer: frozen tables from training tokens during training, a score-then-update cache at eval.
     ngram = bool(int(os.environ.get("NGRAM", 1)))
     ngram_max_order = int(os.environ.get("NGRAM_MAX_ORDER", 7))
-    ngram_prefill_tokens = int(os.environ.get("NGRAM_PREFILL_TOKENS", 31_000_000))
+    ngram_prefill_tokens = int(os.environ.get("NGRAM_PREFILL_TOKENS", 23_000_000))
     ngram_min_count = int(os.environ.get("NGRAM_MIN_COUNT", 2))
     ngram_neural_floor = float(os.environ.get("NGRAM_NEURAL_FLOOR", 0.05))
     ngram_loss_weight = float(os.environ.get("NGRAM_LOSS_WEIGHT", 0.1))
@@ -278,22 +278,23 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each call takes one micro-batch span per rank from the shared stream; rank r reads its own disjoint span.
-    A step's micro-batches are consecutive spans, so 1 process x 8 micro-batches sees exactly the tokens that
-    8 processes x 1 micro-batch see."""
+    """Each step takes MICRO_BATCHES_PER_STEP consecutive spans of local_tokens + 1 tokens from the shared stream
+    (one contiguous segment, read by every rank); rank r trains on spans r, r + W, r + 2W, ... So 1 process x 8
+    micro-batches sees exactly the tokens that 8 processes x 1 micro-batch see."""
 
     def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, vocab_size: int):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(files, vocab_size)
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    def next_step(self, local_tokens: int) -> tuple[Tensor, list[int], int]:
+        """(segment [8 * (local_tokens + 1)] int64 on the device, start of each of this rank's spans in it,
+        stream position of segment[0]). The whole segment lets one n-gram lookup per step see every target's
+        true preceding tokens in the train stream."""
         span = local_tokens + 1
         first = self.stream.position
-        chunk = self.stream.take(span * self.world_size)
-        local = chunk[self.rank * span:(self.rank + 1) * span].to(self.device, torch.int64, non_blocking=True)
-        x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
-        # `local` and its stream position let the n-gram lookup use (and leave out) the span's own counts.
-        return x, y, local, (first + self.rank * span) % self.stream.total_tokens
+        segment = self.stream.take(span * MICRO_BATCHES_PER_STEP).to(self.device, torch.int64, non_blocking=True)
+        starts = [span * (m * self.world_size + self.rank) for m in range(MICRO_BATCHES_PER_STEP // self.world_size)]
+        return segment, starts, first
 
 
 def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> Tensor:
@@ -477,12 +478,13 @@ class GPT(nn.Module):
         """Training loss = neural CE + weight x mixture NLL. Returns (loss, neural CE, mixture NLL);
         expert_probs / expert_valid are [K, B*T] for the targets, from n-gram counts that exclude them."""
         h = self.hidden(input_ids).reshape(-1, self.tok_emb.embedding_dim)
-        logits, targets = self.logits(h), target_ids.reshape(-1)
-        ce = F.cross_entropy(logits, targets)
+        # One log_softmax serves the CE and the mixture.
+        neural_lp = self.logits(h).log_softmax(-1).gather(1, target_ids.reshape(-1, 1)).squeeze(1)
+        ce = -neural_lp.mean()
         if expert_probs is None:
             return ce, ce.detach(), ce.detach()
-        mix_nll = -mixture_logprob(logits, targets, expert_probs, expert_valid, self.gate_logits(h),
-                                   self.neural_floor).mean()
+        mix_nll = -mixture_logprob_from_neural(neural_lp, expert_probs, expert_valid, self.gate_logits(h),
+                                               self.neural_floor).mean()
         return ce + self.mixture_loss_weight * mix_nll, ce.detach(), mix_nll.detach()
 
 
@@ -583,7 +585,7 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
         if cache is not None:
             probs, valid = expert_inputs(cache, tokens, positions, setup.min_count)
             gate = model.gate_logits(h)
-            mixed_lp = mixture_logprob(logits, targets, probs, valid, gate, model.neural_floor)
+            mixed_lp = mixture_logprob_from_neural(neural_lp, probs, valid, gate, model.neural_floor)
             if audit_positions is not None:
                 audit = audit_distributions(setup, cache, positions, logits, gate, valid, mixed_lp,
                                             audit_positions, audit)
@@ -675,14 +677,13 @@ class NgramEvalResult:
     per_target_nll: Tensor | None = None
 
 
-def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], orders: tuple[int, ...], ttt_epochs: int, ttt_lr: float,
+def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | None, ttt_epochs: int, ttt_lr: float,
                    ttt_momentum: float, audit_positions: Tensor | None = None,
                    return_per_target: bool = False) -> NgramEvalResult:
     """Score-then-update over the chunks [bounds[i], bounds[i+1]): score every target of the chunk (neural +
-    cache experts + gate), THEN extend the cache with the chunk, THEN train on it (TTT). The cache starts empty
-    and is identical on all ranks; nothing of a chunk reaches the cache or the weights before it is scored."""
+    cache experts + gate), THEN extend the cache with the chunk, THEN train on it (TTT). `cache` must start empty
+    (it is identical on all ranks); nothing of a chunk reaches the cache or the weights before it is scored."""
     tokens, device = setup.tokens, setup.tokens.device
-    cache = NgramTables(setup.model.tok_emb.num_embeddings, orders, device=device) if orders else None
     # TTT adapts every transformer weight; the gate has no CE gradient and stays as trained.
     params = [p for name, p in setup.model.named_parameters() if not name.startswith("gate.")]
     optimizer = torch.optim.SGD(params, lr=ttt_lr, momentum=ttt_momentum) if ttt_epochs > 0 else None
@@ -827,8 +828,9 @@ def main() -> None:
         dist.broadcast_object_list(run_id)
     run_id = run_id[0]
     log_path, artifact_path = Path("logs") / f"{run_id}.txt", Path(f"final_model.{run_id}.ptz")
-    if not args.eval_artifact and (log_path.exists() or artifact_path.exists()):
-        raise FileExistsError(f"{log_path} or {artifact_path} exists: set another RUN_ID so earlier runs are kept")
+    for path in [log_path] + ([] if args.eval_artifact else [artifact_path]):
+        if path.exists():
+            raise FileExistsError(f"{path} exists: set another RUN_ID so earlier runs are kept")
     if distributed:
         dist.barrier()
     if master:
@@ -901,7 +903,9 @@ def main() -> None:
         if not (orders or args.ttt):
             return
         audit = sample_audit_positions(len(val_tokens), args.audit_positions, args.seed, device) if orders else None
-        result = eval_ngram_ttt(setup, chunk_bounds(len(val_tokens), args.eval_chunk_tokens), orders,
+        # A fresh cache: the training-time tables are never consulted at evaluation.
+        cache = NgramTables(args.vocab_size, orders, device=device) if orders else None
+        result = eval_ngram_ttt(setup, chunk_bounds(len(val_tokens), args.eval_chunk_tokens), cache,
                                 args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, audit)
         if orders:
             log0(f"legality_audit positions:{result.audit_positions} max_abs_sum_err:{result.audit_sum_err:.3e} "
@@ -944,7 +948,7 @@ def main() -> None:
     train_files = list_shards(args.data_path, "train")
     grad_accum_steps = MICRO_BATCHES_PER_STEP // world_size
     local_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
-    positions = torch.arange(1, local_tokens + 1, device=device)
+    span_targets = torch.arange(1, local_tokens + 1, device=device)
     max_wallclock_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
 
     # Frozen n-gram tables from the first NGRAM_PREFILL_TOKENS of the train stream, identical on every rank.
@@ -966,17 +970,22 @@ def main() -> None:
     def train_step(loader: DistributedTokenLoader) -> Tensor:
         """One optimizer step's forward/backward over this rank's micro-batches; returns mean [loss, CE, mix]."""
         stats = torch.zeros(3, device=device)
-        for micro_step in range(grad_accum_steps):
-            x, y, local, stream_position = loader.next_batch(local_tokens, args.train_seq_len)
-            probs = valid = None
-            if tables is not None:
-                stream_positions = (stream_position + positions) % loader.stream.total_tokens
-                probs, valid = expert_inputs(tables, local, positions, args.ngram_min_count,
-                                             leave_one_out_mask(orders, stream_positions, prefill_tokens))
+        segment, starts, segment_position = loader.next_step(local_tokens)
+        probs = valid = None
+        if tables is not None:
+            # One lookup for all micro-batches: targets are positions 1..local_tokens of each span.
+            positions = (torch.tensor(starts, device=device)[:, None] + span_targets).reshape(-1)
+            stream_positions = (segment_position + positions) % loader.stream.total_tokens
+            probs, valid = expert_inputs(tables, segment, positions, args.ngram_min_count,
+                                         leave_one_out_mask(orders, stream_positions, prefill_tokens))
+        for micro_step, start in enumerate(starts):
+            local = segment[start:start + local_tokens + 1]
+            x, y = local[:-1].reshape(-1, args.train_seq_len), local[1:].reshape(-1, args.train_seq_len)
+            micro = slice(micro_step * local_tokens, (micro_step + 1) * local_tokens)
             if distributed:
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast():
-                loss, ce, mix_nll = model(x, y, probs, valid)
+                loss, ce, mix_nll = model(x, y, *((probs[:, micro], valid[:, micro]) if probs is not None else ()))
             (loss / grad_accum_steps).backward()
             stats += torch.stack((loss.detach(), ce, mix_nll)).float() / grad_accum_steps
         return stats

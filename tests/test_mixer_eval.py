@@ -9,7 +9,7 @@ import torch
 
 import train_gpt as tg
 from conftest import log_value, run_trainer
-from ngram_mixer import NgramTables, mixture_logprob
+from ngram_mixer import BucketedTables, NgramTables, mixture_logprob
 from test_train_gpt import make_setup, tiny_model
 
 ORDERS = (2, 3, 4, 5, 6, 7)
@@ -29,7 +29,8 @@ def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=
     model.load_state_dict(state)
     setup = make_setup(model, tokens, seq_len, stride)
     setup.min_count = min_count
-    return tg.eval_ngram_ttt(setup, bounds, cache_orders, ttt_epochs, ttt_lr=0.05, ttt_momentum=0.9,
+    cache = NgramTables(1024, cache_orders) if cache_orders else None
+    return tg.eval_ngram_ttt(setup, bounds, cache, ttt_epochs, ttt_lr=0.05, ttt_momentum=0.9,
                              return_per_target=True)
 
 
@@ -116,25 +117,29 @@ class InflatedTables(NgramTables):
         return context_count, context_count.clone()
 
 
-def test_audit_catches_a_score_that_is_not_its_distribution(sample_val_tokens, monkeypatch):
+def test_audit_catches_scores_that_are_not_distributions(sample_val_tokens):
     tokens = sample_val_tokens[:1025]
     state = mixer_model().state_dict()
     bounds = tg.chunk_bounds(len(tokens), 128)
     audit = torch.arange(200, 1024, 7)
 
-    def audited(cache_class):
-        monkeypatch.setattr(tg, "NgramTables", cache_class)
+    def audited(cache):
         model = mixer_model()
         model.load_state_dict(state)
         setup = make_setup(model, tokens, 32, 8)
         setup.min_count = 1
-        return tg.eval_ngram_ttt(setup, bounds, ORDERS, 0, 0.0, 0.0, audit_positions=audit)
+        return tg.eval_ngram_ttt(setup, bounds, cache, 0, 0.0, 0.0, audit_positions=audit)
 
-    honest, inflated = audited(NgramTables), audited(InflatedTables)
-    assert honest.audit_positions == len(audit) == inflated.audit_positions
-    assert max(honest.audit_sum_err, honest.audit_gold_err) < 1e-5
+    honest = audited(NgramTables(1024, ORDERS))
+    inflated = audited(InflatedTables(1024, ORDERS))
+    bucketed = audited(BucketedTables(1024, ORDERS, buckets=1 << 12))
+    assert honest.audit_positions == len(audit) == inflated.audit_positions == bucketed.audit_positions
+    assert honest.audit_sum_err < 1e-12 and honest.audit_gold_err < 1e-6
+    # a score that is not its distribution's value, and a "distribution" that does not sum to 1
     assert inflated.audit_gold_err > 1e-2
-    assert inflated.val_loss < honest.val_loss  # the invalid score looks better, which is why it must be caught
+    assert bucketed.audit_sum_err > 1e-2 and bucketed.audit_gold_err < 1e-6
+    # both invalid scores look better, which is why they must be caught
+    assert inflated.val_loss < honest.val_loss and bucketed.val_loss < honest.val_loss
 
 
 def train_gate(stream, steps=60, seq_len=64, batch=8, seed=0):

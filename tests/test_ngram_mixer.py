@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
 import ngram_mixer as nm  # noqa: E402
-from ngram_mixer import (NgramTables, bucketed_score_mass, mixture_distribution, mixture_logprob,  # noqa: E402
+from ngram_mixer import (BucketedTables, NgramTables, mixture_distribution, mixture_logprob,  # noqa: E402
                          mixture_weights)
 
 ORDERS = (2, 3, 4, 5, 6, 7)
@@ -326,11 +326,15 @@ def test_bucketed_scores_exceed_one_while_exact_tables_sum_to_one(sample_val_tok
     ctx, pair = tables.lookup(windows.flatten(), torch.arange(6, windows.numel(), 7))
     ctx, pair = ctx.view(len(ORDERS), -1, 1024), pair.view(len(ORDERS), -1, 1024)
     assert (ctx == ctx[..., :1]).all() and torch.equal(pair.sum(dim=2), ctx[..., 0])
-    masses = {}
-    for order in ORDERS:
-        mass, gold = bucketed_score_mass(tokens[:split], tokens, positions, 1024, order)
-        masses[order] = mass.mean().item()
-        assert (mass >= 0).all() and (gold <= 1).all()
+    bucketed = BucketedTables(1024, ORDERS)
+    bucketed.extend(tokens[:split])
+    scores = torch.stack([bucketed.distribution(tokens[t - 6:t]) for t in positions.tolist()], dim=1)  # [K, P, V]
+    ctx, pair = bucketed.lookup(tokens, positions)
+    gold = torch.where(ctx > 0, pair.double() / ctx.clamp(min=1), 0.0)
+    # lookup's gold score is the score distribution() gives that token: the audit compares exactly these
+    assert torch.allclose(gold, scores.gather(2, tokens[positions].expand(len(ORDERS), -1)[..., None])[..., 0])
+    masses = {n: scores[k].sum(dim=1).mean().item() for k, n in enumerate(ORDERS)}
+    assert (scores >= 0).all() and (gold <= 1).all()
     print("PR #834-style bucketed mass, mean over positions:", {n: round(m, 1) for n, m in masses.items()})
     assert min(masses.values()) > 1.5, masses
 

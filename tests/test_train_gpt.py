@@ -88,12 +88,15 @@ def test_loader_global_batch_does_not_depend_on_world_size():
     cpu = torch.device("cpu")
     single = tg.DistributedTokenLoader(files, 0, 1, cpu, 1024)
     pair = [tg.DistributedTokenLoader(files, r, 2, cpu, 1024) for r in range(2)]
-    for _ in range(3):  # three steps of 8 micro-batches of 512 tokens
-        one = [single.next_batch(512, 64)[2] for _ in range(8)]
-        two = [loader.next_batch(512, 64)[2] for _ in range(4) for loader in pair]
-        # Both ranks advance the shared stream in lockstep, so rank r's m-th span is span 2m + r.
-        two = [two[2 * m + r] for m in range(4) for r in range(2)]
-        assert all(torch.equal(a, b) for a, b in zip(one, two))
+    everything = tg.load_data_shard(SAMPLE_TRAIN_SHARD, 1024).long()
+    for step in range(3):  # three steps of 8 micro-batches of 512 tokens
+        segment, starts, position = single.next_step(512)
+        assert position == step * 8 * 513 and torch.equal(segment, everything[position:position + 8 * 513])
+        assert starts == [513 * m for m in range(8)]
+        (segment0, starts0, _), (segment1, starts1, _) = (loader.next_step(512) for loader in pair)
+        assert torch.equal(segment0, segment) and torch.equal(segment1, segment)
+        # Rank r's m-th micro-batch is span 2m + r: together the ranks cover the same 8 spans.
+        assert starts0 == [513 * 2 * m for m in range(4)] and starts1 == [513 * (2 * m + 1) for m in range(4)]
 
 
 def test_token_stream_wraps_and_tracks_position():
@@ -258,7 +261,9 @@ def test_bad_shard_and_reused_run_id_exit_nonzero(tmp_path):
     (tmp_path / "logs").mkdir(exist_ok=True)
     (tmp_path / "logs" / "taken.txt").write_text("an earlier run\n")
     proc, _ = run_trainer(tmp_path, RUN_ID="taken")
-    assert proc.returncode != 0 and "set another RUN_ID" in proc.stderr
+    assert proc.returncode != 0 and "logs/taken.txt exists: set another RUN_ID" in proc.stderr
+    proc, _ = run_trainer(tmp_path, RUN_ID="taken", EVAL_ARTIFACT=str(tmp_path / "any.ptz"))
+    assert proc.returncode != 0 and "logs/taken.txt exists: set another RUN_ID" in proc.stderr
     assert (tmp_path / "logs" / "taken.txt").read_text() == "an earlier run\n"
 
 

@@ -1,0 +1,68 @@
+"""Trainer throughput with and without the n-gram mixer, side by side in one run (prints figures).
+
+  python bench/trainer_bench.py              # CPU: configs/sample_cpu.env, NGRAM=1 / NGRAM=0 alternated, 2 repeats
+  python bench/trainer_bench.py --gpu        # one GPU: baseline config (9x512, 524,288 tokens/step, seq 1024)
+
+GPU mode also scores the whole sample val shard with the cache and TTT (the eval-time projection) and runs at
+full LR (WARMDOWN_ITERS=0), so its first steps' train loss compares with a 20000-step baseline run. Both modes
+train on the bundled sample (628K train tokens): past the first epoch the loss reflects memorization.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from sample_results import REPO, read_env_file  # bench/ is on sys.path when run as a script
+
+
+def last_value(log: str, prefix: str, key: str) -> str:
+    line = [ln for ln in log.splitlines() if ln.startswith(prefix)][-1]
+    return next(f for f in line.split() if f.startswith(key + ":")).split(":", 1)[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="train steps (default: 200 on GPU, 30 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per setting (default: 1 on GPU, 2 on CPU)")
+    args = parser.parse_args()
+    data_dir = Path(os.environ.get("SAMPLE_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+    sample = dict(DATA_PATH=str(data_dir / "datasets" / "fineweb_sp1024_sample"),
+                  TOKENIZER_PATH=str(data_dir / "tokenizers" / "fineweb_1024_bpe.model"))
+    if args.gpu:
+        steps, repeats = args.steps or 200, args.repeats or 1
+        base = dict(sample, WARMDOWN_ITERS="0", WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="20",
+                    MAX_WALLCLOCK_SECONDS="0")
+        settings = {"ngram": dict(NGRAM="1", TTT="1", ITERATIONS=str(steps)),
+                    "plain": dict(NGRAM="0", TTT="0", ITERATIONS=str(steps // 2), VAL_MAX_TOKENS="131072")}
+    else:
+        steps, repeats = args.steps or 30, args.repeats or 2
+        base = dict(read_env_file(REPO / "configs" / "sample_cpu.env", data_dir), ITERATIONS=str(steps),
+                    VAL_LOSS_EVERY="0", VAL_MAX_TOKENS="16384", TTT="0")
+        settings = {"ngram": dict(NGRAM="1"), "plain": dict(NGRAM="0")}
+    workdir = Path(tempfile.mkdtemp(prefix="trainer_bench_"))
+    step_avg = {name: [] for name in settings}
+    for repeat in range(repeats):
+        for name, overrides in settings.items():
+            run_id = f"{name}{repeat}"
+            env = dict(os.environ, **base, **overrides, RUN_ID=run_id, PYTHONUNBUFFERED="1")
+            subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            log = (workdir / "logs" / f"{run_id}.txt").read_text()
+            step_avg[name].append(float(last_value(log, "step:", "step_avg").removesuffix("ms")))
+            keep = ("step:", "ngram_prefill", "peak", "Total", "final_", "legality", "eval_time", "scored")
+            print(f"== {run_id}\n" + "\n".join(ln for ln in log.splitlines() if ln.startswith(keep)), flush=True)
+    tokens_per_step = int(base.get("TRAIN_BATCH_TOKENS", 524_288))
+    print(f"\n{'setting':>8} {'step_avg ms (median)':>22} {'tokens/s':>12}   runs")
+    for name, values in step_avg.items():
+        ms = statistics.median(values)
+        print(f"{name:>8} {ms:>22.2f} {tokens_per_step / ms * 1000:>12.0f}   {values}")
+    ratio = statistics.median(step_avg["ngram"]) / statistics.median(step_avg["plain"])
+    print(f"mixer step-time overhead: {100 * (ratio - 1):+.1f}%  (logs in {workdir}/logs)")
+
+
+if __name__ == "__main__":
+    main()
