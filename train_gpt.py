@@ -467,6 +467,7 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def logits(self, h: Tensor) -> Tensor:  # [..., D] -> [..., V] float32, soft-capped
+        # float32 before the tanh and every log_softmax: bf16 would cost the scores several digits.
         logits = F.linear(h, self.tok_emb.weight).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
@@ -590,6 +591,7 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
                 audit = audit_distributions(setup, cache, positions, logits, gate, valid, mixed_lp,
                                             audit_positions, audit)
         n_bytes = count_target_bytes(tokens[positions - 1], targets, setup.luts)
+        # Sums in float64 and one division at the end (BPB = sum NLL / ln 2 / sum bytes), as nanochat does.
         sums += torch.stack((-neural_lp.double().sum(), -mixed_lp.double().sum(), n_bytes.double().sum(),
                              torch.tensor(float(len(positions)), dtype=torch.float64, device=device)))
         if per_target is not None:
@@ -688,6 +690,7 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
     params = [p for name, p in setup.model.named_parameters() if not name.startswith("gate.")]
     optimizer = torch.optim.SGD(params, lr=ttt_lr, momentum=ttt_momentum) if ttt_epochs > 0 else None
     for p in params:
+        # Dense zero grads on every rank, even one without sequences in a chunk, so the all-reduce always matches.
         p.grad = torch.zeros_like(p) if optimizer else None
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     audit = torch.zeros(3, dtype=torch.float64, device=device)
@@ -891,6 +894,7 @@ def main() -> None:
             log0(f"ARTIFACT_OVER_CAP total:{code_bytes + model_bytes} cap:{ARTIFACT_CAP_BYTES}")
             sys.exit(3)
         model = build_model(args, device)
+        # A fresh model from the artifact's bytes alone: the score is that of what would be submitted.
         model.load_state_dict(dequantize_state_dict(blob))
         setup = eval_setup(model, args.eval_stride)
         sync()
@@ -927,6 +931,7 @@ def main() -> None:
 
     # Model and optimizers: Muon for the block matrices, Adam for the embedding, the scalars and the gate.
     base_model = build_model(args, device)
+    # DDP wraps the compiled module (as in the baseline); the optimizers hold the uncompiled parameters.
     compiled_model = torch.compile(base_model) if compile_model else base_model
     model = DDP(compiled_model, device_ids=[local_rank] if use_cuda else None,
                 broadcast_buffers=False) if distributed else compiled_model
@@ -960,6 +965,7 @@ def main() -> None:
         prefill_stream = TokenStream(train_files, args.vocab_size)
         prefill_tokens = min(args.ngram_prefill_tokens, prefill_stream.total_tokens)
         tables = NgramTables(args.vocab_size, orders, device=device)
+        # Pieces of 64M tokens bound the sort's temporary memory; chunked extends give identical tables.
         for begin in range(0, prefill_tokens, 1 << 26):
             tables.extend(prefill_stream.take(min(1 << 26, prefill_tokens - begin)).to(device, torch.int64))
         sync()
@@ -986,6 +992,7 @@ def main() -> None:
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast():
                 loss, ce, mix_nll = model(x, y, *((probs[:, micro], valid[:, micro]) if probs is not None else ()))
+            # Averaging over micro-batches (and DDP over ranks) gives the gradient of the global batch mean.
             (loss / grad_accum_steps).backward()
             stats += torch.stack((loss.detach(), ce, mix_nll)).float() / grad_accum_steps
         return stats
@@ -1071,6 +1078,7 @@ def main() -> None:
     log_peak_memory()
     del tables
 
+    # Rank 0 writes the artifact; after the barrier every rank reloads and scores that file.
     if master:
         artifact_path.write_bytes(compress_artifact(quantize_state_dict(base_model.state_dict(), args.quant_bits)))
     if distributed:
