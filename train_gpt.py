@@ -282,19 +282,19 @@ class DistributedTokenLoader:
     (one contiguous segment, read by every rank); rank r trains on spans r, r + W, r + 2W, ... So 1 process x 8
     micro-batches sees exactly the tokens that 8 processes x 1 micro-batch see."""
 
-    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, vocab_size: int):
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, vocab_size: int,
+                 local_tokens: int):
+        self.device, self.span = device, local_tokens + 1
         self.stream = TokenStream(files, vocab_size)
+        # Where this rank's spans start in every step's segment; the same for all steps.
+        self.span_starts = [self.span * (m * world_size + rank) for m in range(MICRO_BATCHES_PER_STEP // world_size)]
 
-    def next_step(self, local_tokens: int) -> tuple[Tensor, list[int], int]:
-        """(segment [8 * (local_tokens + 1)] int64 on the device, start of each of this rank's spans in it,
-        stream position of segment[0]). The whole segment lets one n-gram lookup per step see every target's
-        true preceding tokens in the train stream."""
-        span = local_tokens + 1
+    def next_step(self) -> tuple[Tensor, int]:
+        """(segment [8 * span] int64 on the device, stream position of segment[0]). The whole segment lets one
+        n-gram lookup per step see every target's true preceding tokens in the train stream."""
         first = self.stream.position
-        segment = self.stream.take(span * MICRO_BATCHES_PER_STEP).to(self.device, torch.int64, non_blocking=True)
-        starts = [span * (m * self.world_size + self.rank) for m in range(MICRO_BATCHES_PER_STEP // self.world_size)]
-        return segment, starts, first
+        segment = self.stream.take(self.span * MICRO_BATCHES_PER_STEP).to(self.device, torch.int64, non_blocking=True)
+        return segment, first
 
 
 def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> Tensor:
@@ -953,7 +953,6 @@ def main() -> None:
     train_files = list_shards(args.data_path, "train")
     grad_accum_steps = MICRO_BATCHES_PER_STEP // world_size
     local_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
-    span_targets = torch.arange(1, local_tokens + 1, device=device)
     max_wallclock_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
 
     # Frozen n-gram tables from the first NGRAM_PREFILL_TOKENS of the train stream, identical on every rank.
@@ -976,22 +975,21 @@ def main() -> None:
     def train_step(loader: DistributedTokenLoader) -> Tensor:
         """One optimizer step's forward/backward over this rank's micro-batches; returns mean [loss, CE, mix]."""
         stats = torch.zeros(3, device=device)
-        segment, starts, segment_position = loader.next_step(local_tokens)
+        segment, segment_position = loader.next_step()
         probs = valid = None
         if tables is not None:
-            # One lookup for all micro-batches: targets are positions 1..local_tokens of each span.
-            positions = (torch.tensor(starts, device=device)[:, None] + span_targets).reshape(-1)
-            stream_positions = (segment_position + positions) % loader.stream.total_tokens
-            probs, valid = expert_inputs(tables, segment, positions, args.ngram_min_count,
+            stream_positions = (segment_position + lookup_positions) % loader.stream.total_tokens
+            probs, valid = expert_inputs(tables, segment, lookup_positions, args.ngram_min_count,
                                          leave_one_out_mask(orders, stream_positions, prefill_tokens))
-        for micro_step, start in enumerate(starts):
-            local = segment[start:start + local_tokens + 1]
+        for micro_step, start in enumerate(loader.span_starts):
+            local = segment[start:start + loader.span]
             x, y = local[:-1].reshape(-1, args.train_seq_len), local[1:].reshape(-1, args.train_seq_len)
             micro = slice(micro_step * local_tokens, (micro_step + 1) * local_tokens)
+            experts = (probs[:, micro], valid[:, micro]) if probs is not None else (None, None)
             if distributed:
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast():
-                loss, ce, mix_nll = model(x, y, *((probs[:, micro], valid[:, micro]) if probs is not None else ()))
+                loss, ce, mix_nll = model(x, y, *experts)
             # Averaging over micro-batches (and DDP over ranks) gives the gradient of the global batch mean.
             (loss / grad_accum_steps).backward()
             stats += torch.stack((loss.detach(), ce, mix_nll)).float() / grad_accum_steps
@@ -1025,7 +1023,10 @@ def main() -> None:
 
     # Warmup steps prime torch.compile and the kernels, then the initial weights, optimizer state and data
     # stream are restored, so measured training starts from the true init (as in the challenge baseline).
-    train_loader = DistributedTokenLoader(train_files, rank, world_size, device, args.vocab_size)
+    train_loader = DistributedTokenLoader(train_files, rank, world_size, device, args.vocab_size, local_tokens)
+    # One n-gram lookup per step for all micro-batches: the targets are positions 1..local_tokens of each span.
+    lookup_positions = (torch.tensor(train_loader.span_starts, device=device)[:, None] +
+                        torch.arange(1, local_tokens + 1, device=device)).reshape(-1)
     if args.warmup_steps > 0:
         initial_model = copy.deepcopy(base_model.state_dict())
         initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
@@ -1037,7 +1038,7 @@ def main() -> None:
         base_model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_optimizers):
             opt.load_state_dict(state)
-        train_loader = DistributedTokenLoader(train_files, rank, world_size, device, args.vocab_size)
+        train_loader = DistributedTokenLoader(train_files, rank, world_size, device, args.vocab_size, local_tokens)
 
     val_setup = eval_setup(base_model, args.train_seq_len)
     training_time_ms, stop_after_step, step = prefill_ms, None, 0

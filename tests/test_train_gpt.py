@@ -86,17 +86,18 @@ def test_byte_luts_count_sample_val_bytes(sample_val_tokens):
 def test_loader_global_batch_does_not_depend_on_world_size():
     files = [SAMPLE_TRAIN_SHARD]
     cpu = torch.device("cpu")
-    single = tg.DistributedTokenLoader(files, 0, 1, cpu, 1024)
-    pair = [tg.DistributedTokenLoader(files, r, 2, cpu, 1024) for r in range(2)]
+    single = tg.DistributedTokenLoader(files, 0, 1, cpu, 1024, 512)
+    pair = [tg.DistributedTokenLoader(files, r, 2, cpu, 1024, 512) for r in range(2)]
     everything = tg.load_data_shard(SAMPLE_TRAIN_SHARD, 1024).long()
+    assert single.span_starts == [513 * m for m in range(8)]
+    # Rank r's m-th micro-batch is span 2m + r: together the ranks cover the same 8 spans.
+    assert pair[0].span_starts == [513 * 2 * m for m in range(4)]
+    assert pair[1].span_starts == [513 * (2 * m + 1) for m in range(4)]
     for step in range(3):  # three steps of 8 micro-batches of 512 tokens
-        segment, starts, position = single.next_step(512)
+        segment, position = single.next_step()
         assert position == step * 8 * 513 and torch.equal(segment, everything[position:position + 8 * 513])
-        assert starts == [513 * m for m in range(8)]
-        (segment0, starts0, _), (segment1, starts1, _) = (loader.next_step(512) for loader in pair)
-        assert torch.equal(segment0, segment) and torch.equal(segment1, segment)
-        # Rank r's m-th micro-batch is span 2m + r: together the ranks cover the same 8 spans.
-        assert starts0 == [513 * 2 * m for m in range(4)] and starts1 == [513 * (2 * m + 1) for m in range(4)]
+        for loader in pair:
+            assert torch.equal(loader.next_step()[0], segment)
 
 
 def test_token_stream_wraps_and_tracks_position():
