@@ -454,9 +454,10 @@ class GPT(nn.Module):
             with torch.no_grad():
                 self.gate.bias.zero_()[0] = 2.0
 
-    def hidden(self, input_ids: Tensor) -> Tensor:  # [B, T] int64 -> [B, T, D]
+    def layer_states(self, input_ids: Tensor) -> list[Tensor]:  # [B, T] int64 -> per layer [B, T, D]
+        """The residual stream after each layer, in execution order (analysis tools probe these)."""
         x = x0 = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
-        skips = []
+        skips, states = [], []
         for i, block in enumerate(self.blocks):
             decoder_index = i - self.num_encoder_layers
             if decoder_index >= 0 and skips:
@@ -464,7 +465,11 @@ class GPT(nn.Module):
             x = block(x, x0)
             if decoder_index < 0:
                 skips.append(x)
-        return self.final_norm(x)
+            states.append(x)
+        return states
+
+    def hidden(self, input_ids: Tensor) -> Tensor:  # [B, T] int64 -> [B, T, D]
+        return self.final_norm(self.layer_states(input_ids)[-1])
 
     def logits(self, h: Tensor) -> Tensor:  # [..., D] -> [..., V] float32, soft-capped
         # float32 before the tanh and every log_softmax: bf16 would cost the scores several digits.
