@@ -4,16 +4,15 @@ Run all tests with:  python -m pytest -q tests
 The sample data is read from ../shared/data (beside the repo) or from $SAMPLE_DATA_DIR.
 """
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA_DIR = Path(os.environ.get("SAMPLE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-SAMPLE_SHARDS = SAMPLE_DATA_DIR / "datasets" / "fineweb_sp1024_sample"
-SAMPLE_VAL_SHARD = SAMPLE_SHARDS / "fineweb_val_000000.bin"
-SAMPLE_TRAIN_SHARD = SAMPLE_SHARDS / "fineweb_train_000000.bin"
-SAMPLE_TOKENIZER = SAMPLE_DATA_DIR / "tokenizers" / "fineweb_1024_bpe.model"
+sys.path.insert(0, str(REPO_ROOT))
+from devkit import (SAMPLE_DATA_DIR, SAMPLE_SHARDS, SAMPLE_TOKENIZER, SAMPLE_TRAIN_SHARD,  # noqa: E402,F401
+                    SAMPLE_VAL_SHARD, log_fields)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +39,6 @@ def run_trainer(workdir, nproc: int = 0, script=None, **overrides):
     """Run train_gpt.py in `workdir` with TINY_ENV + overrides, as `python` (nproc=0) or `torchrun --nproc_per_node`.
     Returns (CompletedProcess, log text or '' when no log was written)."""
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
     env.update(TINY_ENV, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -55,7 +53,4 @@ def run_trainer(workdir, nproc: int = 0, script=None, **overrides):
 
 def log_value(log: str, line_prefix: str, key: str) -> float:
     """The float after `key:` on the last log line starting with `line_prefix`."""
-    lines = [ln for ln in log.splitlines() if ln.startswith(line_prefix)]
-    assert lines, f"no log line starts with {line_prefix!r}"
-    field = next(f for f in lines[-1].split() if f.startswith(key + ":"))
-    return float(field.split(":", 1)[1].removesuffix("ms"))
+    return log_fields(log, line_prefix)[key]

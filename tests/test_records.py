@@ -42,7 +42,7 @@ def code(tmp_path_factory):
     """A snapshot of the trainer, run.sh and the packager, so that the runs, the packager's check of the code the
     logs ran and the copies in a record all see the same code even while the repo is being edited."""
     root = tmp_path_factory.mktemp("code")
-    for name in ("train_gpt.py", "ngram_mixer.py", "requirements.txt", "run.sh", "records/package.py"):
+    for name in ("train_gpt.py", "ngram_mixer.py", "devkit.py", "requirements.txt", "run.sh", "records/package.py"):
         (root / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(REPO_ROOT / name, root / name)
     return root
