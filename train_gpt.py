@@ -799,6 +799,13 @@ def load_artifact(path: Path) -> dict:
     return blob
 
 
+def model_from_artifact(args: Hyperparameters, path: Path, device: torch.device) -> GPT:
+    """A fresh model built from the artifact's bytes alone, as the evaluation and the analysis tools load it."""
+    model = build_model(args, device)
+    model.load_state_dict(dequantize_state_dict(load_artifact(Path(path))))
+    return model
+
+
 def check_artifact_size(total_bytes: int) -> bool:
     return total_bytes <= ARTIFACT_CAP_BYTES
 
@@ -898,9 +905,8 @@ def main() -> None:
         if not check_artifact_size(code_bytes + model_bytes):
             log0(f"ARTIFACT_OVER_CAP total:{code_bytes + model_bytes} cap:{ARTIFACT_CAP_BYTES}")
             sys.exit(3)
-        model = build_model(args, device)
         # A fresh model from the artifact's bytes alone: the score is that of what would be submitted.
-        model.load_state_dict(dequantize_state_dict(blob))
+        model = model_from_artifact(args, path, device)
         setup = eval_setup(model, args.eval_stride)
         sync()
         t0 = time.perf_counter()
