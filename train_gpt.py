@@ -1301,13 +1301,13 @@ def evaluate_artifact(run: Run, path: Path) -> None:
                 run.log("LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1, does not match its score, "
                         "or depends on later tokens")
                 sys.exit(4)
-        run.log(f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
         times = dict(roundtrip=roundtrip_ms, **result.time_ms)
         times["total"] += roundtrip_ms
         run.log("eval_time " + " ".join(f"{k}:{v:.0f}ms" for k, v in times.items()))
         run.log(f"final_ngram_ttt val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
                 f"neural_val_loss:{result.neural_val_loss:.4f}")
         run.log(f"final_ngram_ttt_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+    run.log(f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
     if result.record is not None and run.master:
         write_eval_dump(Path(args.eval_dump), result.record, result, run.val_tokens, run.luts, run.bos_id, run.run_id)
         run.log(f"eval_dump path:{args.eval_dump} targets:{len(run.val_tokens) - 1}")
