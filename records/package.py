@@ -171,8 +171,8 @@ def record_track_problems(runs: list[RunLog], sota_val_bpb: float | None) -> lis
     else:
         result = significance(runs, sota_val_bpb)
         if result is not None and not result.record:
-            problems.append(f"{', '.join(str(run.path) for run in runs)}: not significant: "
-                            + significance_statement(runs, sota_val_bpb))
+            problems.append(f"{', '.join(str(run.path) for run in runs)}: "
+                            + significance_statement(runs, sota_val_bpb) + " (use --non-record)")
     return problems
 
 

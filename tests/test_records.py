@@ -2,7 +2,7 @@
 (text with the trainer's lines, no trainer run), and parsing, refusals, the record folder and the seeds loop on logs
 from real tiny CPU trainer runs (non-record track: they are not 8xH100 runs).
 
-Run:  python -m pytest -q tests/test_records.py      (about a minute on 2 CPU cores: seven tiny trainer runs)
+Run:  python -m pytest -q tests/test_records.py      (2-3 minutes on 2 shared CPU cores: seven tiny trainer runs)
 """
 import hashlib
 import importlib.util
@@ -394,6 +394,19 @@ def test_sota_val_loss_is_rejected_with_a_pointer_to_val_bpb(pkg, tmp_path, caps
     assert err.value.code == 2 and not (tmp_path / "out").exists()
     assert "--sota-val-loss was removed" in stderr and "depends on the tokenizer" in stderr
     assert "give the current record's val_bpb with --sota-val-bpb" in stderr
+
+
+def test_audit_thresholds_match_the_trainer(pkg, tmp_path):
+    assert Audit(32, 1e-4, 1e-5, 1e-5).failures() == []
+    assert Audit(0, 0.0, 0.0, 0.0).failures() == ["positions:0 (no target audited)"]
+    assert Audit(32, 1.01e-4, 1.01e-5, 1.01e-5).failures() == [
+        "max_abs_sum_err:1.010e-04 > 0.0001", "max_gold_logp_err:1.010e-05 > 1e-05",
+        "max_future_logp_delta:1.010e-05 > 1e-05"]
+    # A nan error compares False with everything: it must fail, not slip through.
+    log = synthetic_log(pkg, tmp_path / "nan.txt", 1, 1.08, audit="legality_audit positions:4096 "
+                        "max_abs_sum_err:nan max_gold_logp_err:0.000e+00 max_future_logp_delta:0.000e+00")
+    assert pkg.parse_log(log).audit.failures() == ["max_abs_sum_err:nan > 0.0001"]
+    assert "legality audit failed: max_abs_sum_err:nan" in refusal(pkg, [log], tmp_path / "out", "--non-record")
 
 
 # ----- significance in BPB -----
