@@ -58,6 +58,9 @@ RECORD_MIN_SEEDS = 3
 # to BPB with the run's own tokens per byte, so that runs with different tokenizers compare.
 RECORD_MARGIN_NATS = 0.005
 RECORD_P_VALUE = 0.01
+# Settings that differ between the seeds of one study without changing the run: the seed, and the names of its log
+# and of its per-target score dump (EVAL_DUMP).
+PER_SEED_HPARAMS = ("seed", "run_id", "eval_dump")
 
 # -----------------------------
 # CHECKS
@@ -109,8 +112,8 @@ def check_runs(runs: list[RunLog], non_record: bool) -> list[str]:
     differ("used different tokenizers", lambda run: f"sha256:{run.tokenizer.sha256 if run.tokenizer else None}")
     differ("scored different val sets", lambda run: f"scored_tokens:{run.scored_tokens} "
                                                    f"scored_bytes:{run.scored_bytes}")
-    # A seed study varies the seed only; the run id names each log.
-    settings = [{k: v for k, v in run.hparams.items() if k not in ("seed", "run_id")} for run in runs]
+    # A seed study varies the seed only; the rest of PER_SEED_HPARAMS name each seed's files.
+    settings = [{k: v for k, v in run.hparams.items() if k not in PER_SEED_HPARAMS} for run in runs]
     for run, other in zip(runs[1:], settings[1:]):
         diff = sorted(k for k in settings[0].keys() | other.keys() if settings[0].get(k) != other.get(k))
         if diff:
@@ -255,7 +258,7 @@ def command_text(run: RunLog, seeds: list[int]) -> str:
         return {"True": "1", "False": "0"}.get(value, value)
 
     env = [f"{name.upper()}={shlex.quote(env_value(value))}" for name, value in sorted(run.hparams.items())
-           if name not in ("seed", "run_id") and value != ""]
+           if name not in PER_SEED_HPARAMS and value != ""]
     return (f"for SEED in {' '.join(map(str, seeds))}; do\n  "
             + " \\\n  ".join(env + [f"SEED=$SEED RUN_ID=seed$SEED torchrun --standalone "
                                     f"--nproc_per_node={run.world_size or 1} train_gpt.py"]) + "\ndone")

@@ -396,6 +396,15 @@ def test_sota_val_loss_is_rejected_with_a_pointer_to_val_bpb(pkg, tmp_path, caps
     assert "give the current record's val_bpb with --sota-val-bpb" in stderr
 
 
+def test_seeds_may_differ_in_their_dump_paths_only(pkg, tmp_path):
+    logs = [synthetic_log(pkg, tmp_path / f"s{seed}.txt", seed, bpb, settings=dict(eval_dump=f"dumps/s{seed}.npz"))
+            for seed, bpb in SYNTHETIC_BPBS.items()]
+    dest = package(pkg, logs, tmp_path / "out", "--sota-val-bpb", str(SYNTHETIC_SOTA))
+    assert "EVAL_DUMP" not in (dest / "README.md").read_text()
+    logs[2] = synthetic_log(pkg, logs[2], 2025, 1.0795, settings=dict(eval_dump="x.npz", ngram_max_order=6))
+    assert "settings differ from" in refusal(pkg, logs, tmp_path / "out2", "--sota-val-bpb", str(SYNTHETIC_SOTA))
+
+
 def test_audit_thresholds_match_the_trainer(pkg, tmp_path):
     assert Audit(32, 1e-4, 1e-5, 1e-5).failures() == []
     assert Audit(0, 0.0, 0.0, 0.0).failures() == ["positions:0 (no target audited)"]
