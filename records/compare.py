@@ -148,10 +148,17 @@ def compare(path_a: Path, path_b: Path, blocks: int | None, resamples: int, seed
     units = block_ids(a["nll"].size, blocks) if blocks else a["doc_id"]
     result = paired_bootstrap(b["nll"] - a["nll"], a["bytes"], units, resamples, seed)
     unit_name = f"blocks of {blocks} targets" if blocks else "documents"
+    total_bits = math.log(2) * a["bytes"].sum()
+
+    def scores(dump: dict) -> str:
+        # The neural-only score tells whether a difference comes from the model or from the mixer.
+        return (f"(run_id {dump['run_id']}): val_bpb {float(dump['val_bpb']):.6f}, neural only "
+                f"{dump['neural_nll'].sum() / total_bits:.6f}")
+
     return "\n".join([
         f"targets {a['nll'].size:,}, bytes {int(a['bytes'].sum()):,}, {result.units:,} {unit_name}",
-        f"A {path_a} (run_id {a['run_id']}): val_bpb {float(a['val_bpb']):.6f}",
-        f"B {path_b} (run_id {b['run_id']}): val_bpb {float(b['val_bpb']):.6f}",
+        f"A {path_a} {scores(a)}",
+        f"B {path_b} {scores(b)}",
         f"ΔBPB = B - A = {result.delta_bpb:+.6f}, {result.confidence:.0%} interval [{result.low:+.6f}, "
         f"{result.high:+.6f}] (paired bootstrap over {unit_name}, {resamples:,} resamples, seed {seed})",
         f"fraction of resamples with ΔBPB < 0 (B better): {result.fraction_below_zero:.4f}",
