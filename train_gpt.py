@@ -123,8 +123,10 @@ class Hyperparameters:
         # Per-target scores of the final pass (npz), for paired comparisons (records/compare.py).
         self.eval_dump = os.environ.get("EVAL_DUMP", "")
 
-        # Derived once: the n-gram orders of the mixer; empty = no tables, no cache, no gate.
-        self.ngram_orders = tuple(range(2, self.ngram_max_order + 1)) if self.ngram else ()
+    @property
+    def ngram_orders(self) -> tuple[int, ...]:
+        """The one answer to "is the mixer on": its n-gram orders; empty = no tables, no cache, no gate."""
+        return tuple(range(2, self.ngram_max_order + 1)) if self.ngram else ()
 
 
 # The micro-batches of one optimizer step, summed over all processes. Keeping this fixed makes the global batch,
