@@ -619,7 +619,7 @@ class LegalityAudit:
     def __init__(self, positions: Tensor, seed: int):
         self.positions = positions
         self.generator = torch.Generator(device=positions.device).manual_seed(seed)
-        self.count, self.sum_err, self.gold_err, self.future_delta = 0, 0.0, 0.0, 0.0
+        self.count, self.sum_err, self.gold_err, self.future_delta, self.time_ms = 0, 0.0, 0.0, 0.0, 0.0
 
     def check(self, setup: EvalSetup, cache: NgramTables | None, windows: tuple[Tensor, Tensor, Tensor],
               positions: Tensor, h: Tensor, log_probs: Tensor, scored_lp: Tensor) -> None:
@@ -627,6 +627,7 @@ class LegalityAudit:
         rows = torch.nonzero(torch.isin(positions, self.positions)).flatten()
         if len(rows) == 0:
             return
+        t0 = time.perf_counter()
         candidates = torch.arange(vocab, device=tokens.device)
         segments, perturbed_streams = [], []
         for row in rows.tolist():
@@ -655,6 +656,7 @@ class LegalityAudit:
                        for k, stream in ((2 * i, tokens), (2 * i + 1, perturbed_streams[i]))]
             self.future_delta = max(self.future_delta, float((pair_lp[0] - pair_lp[1]).abs().max()))
         self.count += len(rows)
+        self.time_ms += 1000.0 * (time.perf_counter() - t0)  # the float() reads above synchronize the device
 
     def reduce(self) -> tuple[int, float, float, float]:
         """(positions, max_abs_sum_err, max_gold_logp_err, max_future_logp_delta) over all ranks."""
@@ -852,6 +854,9 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
         if optimizer is not None:
             lr = ttt.lr * (0.5 * (1 + math.cos(math.pi * i / n_learn)) if ttt.cosine else 1.0)
             timed("ttt", ttt_on_chunk, setup, optimizer, params, first, end, ttt.epochs, lr, ttt.grad_clip)
+    if audit is not None:
+        time_ms["score"] -= audit.time_ms
+        time_ms["audit"] = audit.time_ms
     time_ms["total"] = sum(time_ms.values())
     return summarize(sums, time_ms, audit.reduce() if audit is not None else None, record)
 
