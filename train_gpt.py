@@ -1080,9 +1080,9 @@ def load_artifact(path: Path) -> dict:
             data = byte_unshuffle(_codec(compressor)[1](raw[5:]))
         else:
             raise ValueError("unknown header")
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path}: not a zstd-compressed artifact nor a {ARTIFACT_MAGIC!r} one ({err})") from None
-    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     # Earlier files named their compressor in the format (int8_zstd_v1); today the header names it.
     blob["__format__"] = str(blob.get("__format__")).replace("_zstd_v1", "_v1") if raw[:4] == ZSTD_FRAME_MAGIC \
         else blob.get("__format__")
@@ -1104,6 +1104,20 @@ def calibration_batches(args: Hyperparameters, rank: int, world_size: int, devic
     batch_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
     batches = [stream.take(batch_tokens) for _ in range(args.gptq_calib_batches)]
     return [b.to(device, torch.int64).reshape(-1, args.train_seq_len) for b in batches[rank::world_size]]
+
+
+def export_artifact(args: Hyperparameters, model: GPT, ema: EMA | None, calib_batches: list[Tensor],
+                    master: bool = True) -> bytes:
+    """Load the EMA weights into `model` (they are what is exported and scored), collect GPTQ Hessians (every
+    rank: they are all-reduced), then on the master quantize and compress. Returns the artifact (b"" elsewhere)."""
+    if ema is not None:
+        model.load_state_dict(ema.state_dict(model))
+    hessians = collect_hessians(model, calib_batches) if args.gptq_calib_batches > 0 else None
+    if not master:
+        return b""
+    blob = quantize_state_dict(model.state_dict(), args.quant_bits, hessians, args.matrix_clip_sigmas,
+                               args.embed_bits, args.embed_clip_sigmas)
+    return compress_artifact(blob, args.compressor)
 
 
 def model_from_artifact(args: Hyperparameters, path: Path, device: torch.device) -> GPT:
@@ -1383,16 +1397,10 @@ def main() -> None:
 
     # Export (model stack hooks): the EMA weights, GPTQ Hessians from training tokens on every rank, then rank 0
     # quantizes, compresses and writes the artifact; after the barrier every rank reloads and scores that file.
-    if ema is not None:
-        base_model.load_state_dict(ema.state_dict(base_model))
-    hessians = None
-    if args.gptq_calib_batches > 0:
-        with autocast():
-            hessians = collect_hessians(base_model, calibration_batches(args, rank, world_size, device))
+    with autocast():
+        artifact = export_artifact(args, base_model, ema, calibration_batches(args, rank, world_size, device), master)
     if master:
-        blob = quantize_state_dict(base_model.state_dict(), args.quant_bits, hessians, args.matrix_clip_sigmas,
-                                   args.embed_bits, args.embed_clip_sigmas)
-        artifact_path.write_bytes(compress_artifact(blob, args.compressor))
+        artifact_path.write_bytes(artifact)
     if distributed:
         dist.barrier()
     evaluate_artifact(artifact_path)
