@@ -48,7 +48,8 @@ def main():
     subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     log = (workdir / "logs" / "sample_results.txt").read_text()
-    neural = log_line(log, "final_int8_zstd_roundtrip_exact")
+    quant = next(ln for ln in log.splitlines() if ln.startswith("Serialized model ")).split()[2].rstrip(":")
+    neural = log_line(log, f"final_{quant}_roundtrip_exact")
     full = log_line(log, "final_ngram_ttt_exact")
     audit = log_line(log, "legality_audit")
 
@@ -58,8 +59,7 @@ def main():
     tg = importlib.import_module("train_gpt")
     args = tg.Hyperparameters()
     device = torch.device("cpu")
-    model = tg.build_model(args, device)
-    model.load_state_dict(tg.dequantize_state_dict(tg.load_artifact(workdir / "final_model.sample_results.ptz")))
+    model = tg.model_from_artifact(args, workdir / "final_model.sample_results.ptz", device)
     tokens = tg.load_validation_tokens(args.data_path, args.vocab_size, 0)
     luts = tg.build_byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size, device)
     windows = max(1, args.val_batch_size // args.train_seq_len)
@@ -81,7 +81,7 @@ def main():
     # PR #834 used 1,048,576 buckets per order.
     invalid = rescore(BucketedTables(args.vocab_size, orders, buckets=1 << 20), 0)
 
-    rows = [("neural only (round-tripped int8+zstd artifact, sliding windows)", neural["val_loss"],
+    rows = [(f"neural only (round-tripped {quant} artifact, sliding windows)", neural["val_loss"],
              neural["val_bpb"], "-"),
             ("+ TTT (no cache)", ttt_only.val_loss, ttt_only.val_bpb, "-"),
             ("+ cache (no TTT)", cache_only.val_loss, cache_only.val_bpb,

@@ -3,6 +3,7 @@
 Run:  python -m pytest -q tests/test_model_stack.py
 """
 import lzma
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import zstandard
 
 import train_gpt as tg
+from devkit import read_env_file
 from conftest import REPO_ROOT, SAMPLE_DATA_DIR, SAMPLE_TRAIN_SHARD, TINY_ENV, run_trainer
 
 
@@ -242,6 +244,24 @@ def test_sp8192_sample_trains_and_scores(tmp_path):
                             VOCAB_SIZE="8192", TTT="0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hparam vocab_size:8192" in log and "final_ngram_ttt_exact val_loss:" in log
+
+
+@pytest.mark.parametrize("config, world_size, params", [
+    ("competition_8xh100.env", 8, 35_944_536), ("baseline_2024.env", 8, 17_059_912), ("sample_cpu.env", 1, None)])
+def test_presets_name_real_knobs_and_valid_settings(config, world_size, params):
+    """Every preset knob exists and validates; the baseline preset has the challenge baseline's 17.06M parameters
+    (DESIGN.md section 5; counted without the n-gram gate), the default stack 35.9M."""
+    import subprocess
+    import sys
+    env = read_env_file(REPO_ROOT / "configs" / config)
+    assert {name.lower() for name in env} <= set(vars(tg.Hyperparameters))
+    # Hyperparameters reads the environment when train_gpt is imported: a fresh process.
+    code = ("import torch, train_gpt as tg; a = tg.Hyperparameters(); tg.validate_hyperparameters(a, "
+            f"{world_size}); a.ngram = False; print(sum(p.numel() for p in tg.build_model(a, 'meta').parameters()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=dict(os.environ, **env), check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    if params is not None:
+        assert int(out) == params
 
 
 def test_bad_loop_range_names_the_env_var():
