@@ -962,7 +962,7 @@ def collect_hessians(model: GPT, calib_batches: list[Tensor]) -> dict[str, Tenso
     model.train(was_training)
     for hook in hooks:
         hook.remove()
-    return {name: all_reduce(h).cpu() for name, h in sorted(hessians.items())}
+    return {name: all_reduce(h) for name, h in sorted(hessians.items())}
 
 
 def sdclip_scale(w: Tensor, qmax: int, clip_sigmas: float) -> Tensor:  # [R, C] float32 -> [R] fp16
@@ -1003,24 +1003,25 @@ def quantize_state_dict(state_dict: dict[str, Tensor], bits: int, hessians: dict
                         embed_clip_sigmas: float = 0.0) -> dict:
     """Per-row symmetric quantization of the large matrices to [-qmax, qmax] (int8 storage; int6 values compress
     better) with one fp16 scale per row: GPTQ where `hessians` has the matrix, round-to-nearest elsewhere. The
-    embedding gets embed_bits / embed_clip_sigmas (default: as the matrices); every other tensor is stored fp16."""
+    embedding gets embed_bits / embed_clip_sigmas (default: as the matrices); every other tensor is stored fp16.
+    Runs where the tensors are (GPTQ's column loop is thousands of small steps: on GPU it takes seconds)."""
     gptq = bool(hessians)
     blob = {"__format__": f"int{bits}{'_gptq' if gptq else ''}_v1", "quantized": {}, "scales": {}, "float16": {},
             "dtypes": {}}
     for name, tensor in state_dict.items():
-        t = tensor.detach().cpu().float()
+        t = tensor.detach().float()
         blob["dtypes"][name] = str(tensor.dtype).removeprefix("torch.")
         if t.ndim == 2 and t.numel() >= QUANT_MIN_NUMEL:
             is_embed = name == "tok_emb.weight"
             qmax = 2 ** (((embed_bits or bits) if is_embed else bits) - 1) - 1
             scale = sdclip_scale(t, qmax, embed_clip_sigmas if is_embed else clip_sigmas)
             if gptq and name in hessians:
-                blob["quantized"][name] = gptq_quantize(t, hessians[name].float(), scale, qmax)
+                q = gptq_quantize(t, hessians[name].to(t.device, torch.float32), scale, qmax)
             else:
-                blob["quantized"][name] = torch.round(t / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
-            blob["scales"][name] = scale
+                q = torch.round(t / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
+            blob["quantized"][name], blob["scales"][name] = q.cpu(), scale.cpu()
         else:
-            blob["float16"][name] = t.half()
+            blob["float16"][name] = t.half().cpu()
     return blob
 
 
@@ -1104,6 +1105,8 @@ def artifact_label(blob: dict) -> str:
 def calibration_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device) -> list[Tensor]:
     """This rank's share of GPTQ_CALIB_BATCHES batches ([B, TRAIN_SEQ_LEN] int64) from the start of the train
     stream: training tokens only, the same batches whatever the world size."""
+    if args.gptq_calib_batches == 0:
+        return []
     stream = TokenStream(list_shards(args.data_path, "train"), args.vocab_size)
     batch_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
     batches = [stream.take(batch_tokens) for _ in range(args.gptq_calib_batches)]
