@@ -265,7 +265,8 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(updates)
             offset = 0
             for p in params:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
