@@ -154,8 +154,8 @@ def main():
         score = None
     n_params = sum(p.numel() for p in model.parameters())
     code_bytes = sum((REPO / f).stat().st_size for f in ("train_gpt.py", "ngram_mixer.py"))
-    print(f"mode {opts.mode}: {n_params:,} parameters (n-gram gate excluded), code {code_bytes:,} bytes, GPTQ calibration "
-          f"{calib_batches} batches", flush=True)
+    print(f"mode {opts.mode}: {n_params:,} parameters (n-gram gate excluded), code {code_bytes:,} bytes, "
+          f"GPTQ calibration {calib_batches} batches", flush=True)
     rows = measure(tg, state, hessians, score, opts.workdir, schemes)
     table(rows, ["scheme", "roundtrip val_bpb", "quantize time", *(f"bytes {c}" for c in tg.COMPRESSORS)])
 
