@@ -60,7 +60,7 @@ def train_checkpoint(tg, args, path: Path) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         ema.update(model)
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 25 == 0:
             print(f"  step {step + 1}/{args.iterations} train_loss {loss.item():.4f} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,8 @@ def main():
     parser.add_argument("mode", choices=("sample", "full-shapes"))
     parser.add_argument("--checkpoint", type=Path, default=Path("quant_bench_sample.pt"))
     parser.add_argument("--val-tokens", type=int, default=131072, help="score the first N sample val tokens")
+    parser.add_argument("--steps", type=int, default=None, help="train steps for a missing checkpoint (default: the "
+                        "config's ITERATIONS; the schedule scales with it)")
     parser.add_argument("--calib-batches", type=int, default=None,
                         help="GPTQ calibration batches (default: the sample config's 8 x 1,024 tokens; full-shapes: "
                              "4 x 2 random sequences, a CPU-sized stand-in)")
@@ -109,6 +111,8 @@ def main():
     env = read_env_file(REPO / "configs" / "sample_cpu.env") if opts.mode == "sample" else {}
     # The sample's tokens are sp1024; the default config's shapes only need a tokenizer-free path.
     env.update(NGRAM="0", VAL_MAX_TOKENS=str(opts.val_tokens))
+    if opts.steps is not None:
+        env.update(ITERATIONS=str(opts.steps))
     os.environ.update(env)
     tg = importlib.import_module("train_gpt")  # Hyperparameters reads the environment at import
     args = tg.Hyperparameters()
