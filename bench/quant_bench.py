@@ -29,10 +29,14 @@ sys.path.insert(0, str(REPO))
 from devkit import read_env_file  # noqa: E402
 
 SCHEMES = {  # name -> (matrix bits, GPTQ, matrix clip k, embedding bits, embedding clip k)
-    "int8 RTN (abs-max rows)": (8, False, 0.0, 8, 0.0),
-    "int6 RTN (abs-max rows)": (6, False, 0.0, 8, 0.0),
-    "int6 GPTQ + SDClip (emb int8)": (6, True, 12.85, 8, 20.0),
+    "int8 RTN, abs-max rows": (8, False, 0.0, 8, 0.0),
+    "int6 RTN, abs-max rows (emb int8)": (6, False, 0.0, 8, 0.0),
+    "int6 RTN + SDClip k=12.85 (emb int8, k=20)": (6, False, 12.85, 8, 20.0),
+    "int6 GPTQ + SDClip k=12.85 (emb int8, k=20)": (6, True, 12.85, 8, 20.0),
 }
+# The sample model's block matrices (at most 256 x 128) are below the trainer's 65,536-element threshold and would
+# all stay fp16; the sample mode lowers it so every block matrix is quantized, as in the full-size model.
+SAMPLE_QUANT_MIN_NUMEL = 8192
 
 
 def train_checkpoint(tg, args, path: Path) -> None:
@@ -126,6 +130,7 @@ def main():
         if not opts.checkpoint.is_file():
             print(f"training {args.iterations} steps of configs/sample_cpu.env -> {opts.checkpoint}", flush=True)
             train_checkpoint(tg, args, opts.checkpoint)
+        tg.QUANT_MIN_NUMEL = SAMPLE_QUANT_MIN_NUMEL
         state = torch.load(opts.checkpoint, map_location="cpu", weights_only=True)
         model = tg.build_model(args, device)
         model.load_state_dict(state)
