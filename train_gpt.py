@@ -20,9 +20,11 @@ import copy
 import glob
 import hashlib
 import io
+import lzma
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -46,8 +48,9 @@ from ngram_mixer import NgramTables, mixture_logprob, mixture_weights
 # -----------------------------
 # HYPERPARAMETERS
 # -----------------------------
-# Defaults are the challenge baseline (9 layers x 512, 8 heads / 4 KV heads, MLP 2x relu^2, tied embeddings,
-# vocab 1024, 524,288 tokens/step at seq 1024, 10-minute cap) plus the n-gram mixer and its evaluation.
+# Defaults are the SP8192 record stack (PR #1493: 11 layers x 512, MLP 4x LeakyReLU(0.5)^2, partial RoPE, depth
+# recurrence, parallel residuals, XSA, MuonEq-R, EMA, GPTQ int6 + SDClip) plus the n-gram mixer and its evaluation.
+# configs/baseline_2024.env restores the March challenge baseline (9 x 512, vocab 1024, int8 per-row + zstd).
 
 
 class Hyperparameters:
@@ -55,8 +58,8 @@ class Hyperparameters:
 
     def __init__(self) -> None:
         # Data and run identity.
-        self.data_path = os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
-        self.tokenizer_path = os.environ.get("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.data_path = os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp8192")
+        self.tokenizer_path = os.environ.get("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model")
         self.run_id = os.environ.get("RUN_ID", "")
         self.seed = int(os.environ.get("SEED", 1337))
 
@@ -64,7 +67,10 @@ class Hyperparameters:
         self.iterations = int(os.environ.get("ITERATIONS", 20000))
         self.max_wallclock_seconds = float(os.environ.get("MAX_WALLCLOCK_SECONDS", 600.0))
         self.warmup_steps = int(os.environ.get("WARMUP_STEPS", 20))
-        self.warmdown_iters = int(os.environ.get("WARMDOWN_ITERS", 1200))
+        # Linear LR warmdown, either over the last WARMDOWN_ITERS steps (the baseline) or over the last WARMDOWN_FRAC of
+        # the run's progress, wallclock or steps (the records); at most one of them may be set.
+        self.warmdown_iters = int(os.environ.get("WARMDOWN_ITERS", 0))
+        self.warmdown_frac = float(os.environ.get("WARMDOWN_FRAC", 0.72))
         self.train_batch_tokens = int(os.environ.get("TRAIN_BATCH_TOKENS", 524_288))
         self.train_seq_len = int(os.environ.get("TRAIN_SEQ_LEN", 1024))
         self.train_log_every = int(os.environ.get("TRAIN_LOG_EVERY", 200))
@@ -74,25 +80,42 @@ class Hyperparameters:
         self.compile = bool(int(os.environ.get("COMPILE", 1)))
 
         # Model shape.
-        self.vocab_size = int(os.environ.get("VOCAB_SIZE", 1024))
-        self.num_layers = int(os.environ.get("NUM_LAYERS", 9))
+        self.vocab_size = int(os.environ.get("VOCAB_SIZE", 8192))
+        self.num_layers = int(os.environ.get("NUM_LAYERS", 11))
         self.model_dim = int(os.environ.get("MODEL_DIM", 512))
         self.num_heads = int(os.environ.get("NUM_HEADS", 8))
         self.num_kv_heads = int(os.environ.get("NUM_KV_HEADS", 4))
-        self.mlp_mult = int(os.environ.get("MLP_MULT", 2))
+        self.mlp_mult = int(os.environ.get("MLP_MULT", 4))
         self.rope_base = float(os.environ.get("ROPE_BASE", 10000.0))
         self.logit_softcap = float(os.environ.get("LOGIT_SOFTCAP", 30.0))
-        self.qk_gain_init = float(os.environ.get("QK_GAIN_INIT", 1.5))
+        self.qk_gain_init = float(os.environ.get("QK_GAIN_INIT", 5.25))
         self.tied_embed_init_std = float(os.environ.get("TIED_EMBED_INIT_STD", 0.005))
+
+        # Model stack (0 / -1 switch each part off; all off = the baseline's block).
+        self.mlp_negative_slope = float(os.environ.get("MLP_NEGATIVE_SLOPE", 0.5))  # LeakyReLU(slope)^2; 0 = relu^2
+        self.rope_dims = int(os.environ.get("ROPE_DIMS", 16))  # rotate only the first ROPE_DIMS of each head; 0 = all
+        self.ln_scale = bool(int(os.environ.get("LN_SCALE", 1)))  # block inputs scaled by 1/sqrt(layer + 1)
+        self.skip_gates = bool(int(os.environ.get("SKIP_GATES", 1)))  # sigmoid-gated U-net skips instead of additive
+        self.parallel_residual_start = int(os.environ.get("PARALLEL_RESIDUAL_START", 7))  # first parallel block; -1 = none
+        self.xsa_last_n = int(os.environ.get("XSA_LAST_N", 11))  # exclusive self-attention in the last N blocks
+        self.num_loops = int(os.environ.get("NUM_LOOPS", 2))  # extra passes over blocks LOOP_START..LOOP_END
+        self.loop_start = int(os.environ.get("LOOP_START", 3))
+        self.loop_end = int(os.environ.get("LOOP_END", 5))
+        self.enable_looping_at = float(os.environ.get("ENABLE_LOOPING_AT", 0.35))  # fraction of the run before looping
 
         # Optimizer: Muon for block matrices, Adam for the embedding, scalars and the gate.
         self.tied_embed_lr = float(os.environ.get("TIED_EMBED_LR", 0.05))
-        self.matrix_lr = float(os.environ.get("MATRIX_LR", 0.04))
+        self.matrix_lr = float(os.environ.get("MATRIX_LR", 0.022))
         self.scalar_lr = float(os.environ.get("SCALAR_LR", 0.04))
         self.muon_momentum = float(os.environ.get("MUON_MOMENTUM", 0.95))
         self.muon_momentum_warmup_start = float(os.environ.get("MUON_MOMENTUM_WARMUP_START", 0.85))
         self.muon_momentum_warmup_steps = int(os.environ.get("MUON_MOMENTUM_WARMUP_STEPS", 500))
         self.muon_backend_steps = int(os.environ.get("MUON_BACKEND_STEPS", 5))
+        self.muon_row_normalize = bool(int(os.environ.get("MUON_ROW_NORMALIZE", 1)))  # MuonEq-R
+        self.muon_polar_express = bool(int(os.environ.get("MUON_POLAR_EXPRESS", 0)))
+        self.muon_wd = float(os.environ.get("MUON_WD", 0.095))
+        self.embed_wd = float(os.environ.get("EMBED_WD", 0.095))
+        self.ema_decay = float(os.environ.get("EMA_DECAY", 0.9965))  # exported weights; 0 = export the raw weights
         self.beta1 = float(os.environ.get("BETA1", 0.9))
         self.beta2 = float(os.environ.get("BETA2", 0.95))
         self.adam_eps = float(os.environ.get("ADAM_EPS", 1e-8))
@@ -107,8 +130,15 @@ class Hyperparameters:
         self.ngram_loss_weight = float(os.environ.get("NGRAM_LOSS_WEIGHT", 0.1))
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
 
-        # Quantization, evaluation, test-time training.
-        self.quant_bits = int(os.environ.get("QUANT_BITS", 8))
+        # Quantization + compression: per-row int matrices (embedding EMBED_BITS), GPTQ on training tokens, SDClip.
+        self.quant_bits = int(os.environ.get("QUANT_BITS", 6))
+        self.embed_bits = int(os.environ.get("EMBED_BITS", 8))
+        self.gptq_calib_batches = int(os.environ.get("GPTQ_CALIB_BATCHES", 64))  # of TRAIN_BATCH_TOKENS / 8; 0 = RTN
+        self.matrix_clip_sigmas = float(os.environ.get("MATRIX_CLIP_SIGMAS", 12.85))  # SDClip k; 0 = clip at abs max
+        self.embed_clip_sigmas = float(os.environ.get("EMBED_CLIP_SIGMAS", 20.0))
+        self.compressor = os.environ.get("COMPRESSOR", "best")  # zstd, lzma, brotli, or best (smallest of the three)
+
+        # Evaluation, test-time training.
         self.eval_stride = int(os.environ.get("EVAL_STRIDE", 64))
         self.eval_chunk_tokens = int(os.environ.get("EVAL_CHUNK_TOKENS", 32768))
         self.eval_artifact = os.environ.get("EVAL_ARTIFACT", "")
@@ -153,7 +183,22 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
     need(1 <= args.eval_stride <= args.train_seq_len,
          f"EVAL_STRIDE={args.eval_stride} must be in [1, TRAIN_SEQ_LEN={args.train_seq_len}]")
     need(args.eval_chunk_tokens >= 1, f"EVAL_CHUNK_TOKENS={args.eval_chunk_tokens} must be >= 1")
-    need(args.quant_bits in (6, 8), f"QUANT_BITS={args.quant_bits} must be 6 or 8")
+    need(2 <= args.quant_bits <= 8, f"QUANT_BITS={args.quant_bits} must be in [2, 8]")
+    need(2 <= args.embed_bits <= 8, f"EMBED_BITS={args.embed_bits} must be in [2, 8]")
+    need(args.compressor in COMPRESSORS + ("best",), f"COMPRESSOR={args.compressor} must be one of "
+         f"{', '.join(COMPRESSORS)}, best")
+    need(args.gptq_calib_batches >= 0, f"GPTQ_CALIB_BATCHES={args.gptq_calib_batches} must be >= 0")
+    need(not (args.warmdown_iters > 0 and args.warmdown_frac > 0),
+         f"set only one of WARMDOWN_ITERS={args.warmdown_iters} and WARMDOWN_FRAC={args.warmdown_frac}")
+    need(0 <= args.warmdown_frac <= 1, f"WARMDOWN_FRAC={args.warmdown_frac} must be in [0, 1]")
+    need(0 <= args.ema_decay < 1, f"EMA_DECAY={args.ema_decay} must be in [0, 1)")
+    need(args.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS) or not args.muon_polar_express,
+         f"MUON_BACKEND_STEPS={args.muon_backend_steps} must be <= 5 with MUON_POLAR_EXPRESS=1")
+    need(args.num_loops == 0 or 0 <= args.loop_start <= args.loop_end < args.num_layers,
+         f"LOOP_START={args.loop_start}..LOOP_END={args.loop_end} must be blocks of NUM_LAYERS={args.num_layers}")
+    head_dim = args.model_dim // args.num_heads
+    need(args.rope_dims % 2 == 0 and 0 <= args.rope_dims <= head_dim,
+         f"ROPE_DIMS={args.rope_dims} must be even and at most the head dim {head_dim}")
     need(args.model_dim % args.num_heads == 0 and (args.model_dim // args.num_heads) % 2 == 0,
          f"MODEL_DIM={args.model_dim} / NUM_HEADS={args.num_heads} must be an even head dim (RoPE)")
     need(args.num_heads % args.num_kv_heads == 0,
@@ -170,16 +215,24 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
 # Orthogonalized momentum for 2-D weights, from modded-nanogpt (https://kellerjordan.github.io/posts/muon/).
 
 
-def zeropower_via_newtonschulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+# Polar Express (arXiv 2505.16932): one tuned quintic per step, as in modded-nanogpt; at most 5 steps.
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def zeropower_via_newtonschulz5(grad: Tensor, steps: int, eps: float = 1e-7, polar_express: bool = False) -> Tensor:
     # Quintic Newton-Schulz iteration whose coefficients push all singular values towards 1 in a few steps;
     # bf16 is accurate enough for that on GPU, the CPU keeps fp32 (its bf16 matmuls are slow).
-    a, b, c = (3.4445, -4.7750, 2.0315)
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
-    x = x / (x.norm() + eps)
+    # Polar Express's coefficients assume singular values <= 1 with a 2% safety margin.
+    x = x / (x.norm() * 1.02 + eps) if polar_express else x / (x.norm() + eps)
     transposed = grad.size(0) > grad.size(1)
     if transposed:
         x = x.T
-    for _ in range(steps):
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps] if polar_express else [(3.4445, -4.7750, 2.0315)] * steps:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
@@ -187,10 +240,16 @@ def zeropower_via_newtonschulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> 
 
 class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov) whose update is orthogonalized. Parameters are dealt round-robin to ranks; each
-    rank orthogonalizes its share and one all-reduce of a flat buffer gives every rank every update."""
+    rank orthogonalizes its share and one all-reduce of a flat buffer gives every rank every update.
+    row_normalize: MuonEq-R (PR #1493), each row of the momentum scaled to unit norm before Newton-Schulz.
+    weight_decay: decoupled, p *= 1 - lr * wd (PR #1493)."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, row_normalize: bool = False,
+                 polar_express: bool = False, weight_decay: float = 0.0, compile: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
+                                      row_normalize=row_normalize, polar_express=polar_express))
+        # Compiled, the iteration's small elementwise ops fuse (the challenge baseline compiles it too).
+        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile else zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
@@ -199,24 +258,94 @@ class Muon(torch.optim.Optimizer):
         rank = dist.get_rank() if distributed else 0
         for group in self.param_groups:
             params = group["params"]
-            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            # The GPU's Newton-Schulz output is bf16 already: a bf16 buffer halves the all-reduce at no cost.
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
+                                  dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
-                    update = zeropower_via_newtonschulz5(p.grad.add(buf, alpha=group["momentum"]),
-                                                         group["backend_steps"])
+                    update = p.grad.add(buf, alpha=group["momentum"])
+                    if group["row_normalize"]:
+                        update = update / update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(update.dtype)
+                    update = self.orthogonalize(update, group["backend_steps"], polar_express=group["polar_express"])
                     # Rectangular matrices get a larger step so their RMS update matches square ones.
                     update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    updates[offset:offset + p.numel()] = update.reshape(-1).float()
+                    updates[offset:offset + p.numel()] = update.reshape(-1).to(updates.dtype)
                 offset += p.numel()
             if distributed:
                 dist.all_reduce(updates)
             offset = 0
             for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
+
+
+def build_optimizers(args: Hyperparameters, model: GPT) -> list[torch.optim.Optimizer]:
+    """[AdamW (embedding, scalars, gate), Muon (block matrices)]; every group remembers its base_lr.
+    Norm gains, residual mixes and skip weights are not decayed: shrinking them changes the function, not a scale."""
+    fused = next(model.parameters()).is_cuda
+    matrix_params = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
+    matrix_ids = {id(p) for p in matrix_params}
+    scalar_params = [p for p in model.blocks.parameters() if id(p) not in matrix_ids] + [model.skip_weights]
+    scalar_params += [model.skip_gates] if model.skip_gates is not None else []
+    adam_groups = [dict(params=[model.tok_emb.weight], lr=args.tied_embed_lr, weight_decay=args.embed_wd),
+                   dict(params=scalar_params, lr=args.scalar_lr, weight_decay=0.0)]
+    if model.gate is not None:
+        adam_groups.append(dict(params=list(model.gate.parameters()), lr=args.ngram_gate_lr, weight_decay=0.0))
+    optimizers = [torch.optim.AdamW(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused),
+                  Muon(matrix_params, lr=args.matrix_lr, momentum=args.muon_momentum,
+                       backend_steps=args.muon_backend_steps, row_normalize=args.muon_row_normalize,
+                       polar_express=args.muon_polar_express, weight_decay=args.muon_wd,
+                       compile=fused and args.compile)]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def training_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Fraction of the run done: steps of ITERATIONS or, under a wallclock cap, elapsed time, whichever is ahead."""
+    frac = step / args.iterations if args.iterations > 0 else 1.0
+    if args.max_wallclock_seconds > 0:
+        frac = max(frac, elapsed_ms / (1000.0 * args.max_wallclock_seconds))
+    return min(frac, 1.0)
+
+
+def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Linear warmdown to 0, so a run ends cooled down whether steps or the wallclock cap end it."""
+    if args.warmdown_frac > 0:
+        return min(1.0, (1.0 - training_progress(args, step, elapsed_ms)) / args.warmdown_frac)
+    if args.warmdown_iters <= 0:
+        return 1.0
+    # WARMDOWN_ITERS (the baseline): the last N steps, counted by iterations and by the projected time left.
+    scale = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    if args.max_wallclock_seconds > 0 and step > 0:
+        warmdown_ms = args.warmdown_iters * elapsed_ms / step
+        scale = min(scale, max(1000.0 * args.max_wallclock_seconds - elapsed_ms, 0.0) / warmdown_ms)
+    return scale
+
+
+class EMA:
+    """Exponential moving average of the weights (float32 shadow); the export uses it (PR #1493: decay 0.9965)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: t.detach().float().clone() for name, t in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        # One fused call over all tensors instead of a kernel launch per tensor.
+        current = model.state_dict()
+        torch._foreach_lerp_(list(self.shadow.values()), [current[name].float() for name in self.shadow],
+                             1.0 - self.decay)
+
+    def state_dict(self, like: nn.Module) -> dict[str, Tensor]:
+        """The averaged weights in `like`'s dtypes, ready for load_state_dict."""
+        return {name: self.shadow[name].to(t.dtype) for name, t in like.state_dict().items()}
 
 
 # -----------------------------
@@ -364,9 +493,9 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, rope_dims: int, base: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, rope_dims, 2).float() / rope_dims),
                              persistent=False)
 
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -375,15 +504,19 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    """Rotates the first 2 * cos.size(-1) dims of each head; the rest pass through (partial RoPE, PR #1493)."""
+    rope_dims = 2 * cos.size(-1)
+    half = rope_dims // 2
+    x1, x2, rest = x[..., :half], x[..., half:rope_dims], x[..., rope_dims:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
+                 rope_dims: int = 0, xsa: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.xsa = xsa
         kv_dim = num_kv_heads * self.head_dim
         self.c_q = nn.Linear(dim, dim, bias=False)
         self.c_k = nn.Linear(dim, kv_dim, bias=False)
@@ -392,7 +525,7 @@ class CausalSelfAttention(nn.Module):
         self.proj.zero_init = True
         # A learned per-head temperature on the normalized queries (baseline's q_gain).
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.rotary = Rotary(rope_dims or self.head_dim, rope_base)
 
     def forward(self, x: Tensor) -> Tensor:
         bsz, seq_len, dim = x.shape
@@ -405,56 +538,91 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
         return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim))
 
 
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:  # [B, H, T, hd], [B, Hkv, T, hd] -> [B, H, T, hd]
+    """XSA, exclusive self-attention (PR #1493 stack): remove from each head's output its component along the
+    token's own value vector, so attention carries context rather than the token itself."""
+    bsz, heads, seq_len, head_dim = y.shape
+    y = y.reshape(bsz, v.size(1), heads // v.size(1), seq_len, head_dim)  # SDPA's GQA: head h reads KV h // group
+    v_hat = F.normalize(v, dim=-1)[:, :, None]
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).reshape(bsz, heads, seq_len, head_dim)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_mult: int):
+    def __init__(self, dim: int, mlp_mult: int, negative_slope: float = 0.0):
         super().__init__()
         self.fc = nn.Linear(dim, mlp_mult * dim, bias=False)
         self.proj = nn.Linear(mlp_mult * dim, dim, bias=False)
         self.proj.zero_init = True
+        self.negative_slope = negative_slope
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        # LeakyReLU(0.5)^2 keeps a gradient for negative inputs (PR #1493 stack); slope 0 is the baseline's relu^2.
+        return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_mult: int, rope_base: float,
-                 qk_gain_init: float):
+                 qk_gain_init: float, negative_slope: float = 0.0, rope_dims: int = 0, xsa: bool = False,
+                 parallel: bool = False, ln_scale: float = 1.0):
         super().__init__()
         self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
-        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rope_base, qk_gain_init)
-        self.mlp = MLP(dim, mlp_mult)
+        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rope_base, qk_gain_init, rope_dims, xsa)
+        self.mlp = MLP(dim, mlp_mult, negative_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # Each block may mix the embedding x0 back into its input (baseline's resid_mix).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        # Parallel residual (GPT-J style, PR #1493 stack): attention and MLP both read the block's input.
+        self.parallel, self.ln_scale = parallel, ln_scale
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         x = self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.attn_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.mlp_norm(x))
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(self.attn_norm(x) * self.ln_scale)
+        mlp_in = x if self.parallel else x + attn_out
+        return x + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(self.mlp_norm(mlp_in) * self.ln_scale)
+
+
+def virtual_layers(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> list[int]:
+    """Block indices in execution order: blocks loop_start..loop_end run 1 + num_loops times (depth recurrence,
+    PR #1493: 11 blocks, 3-5 looped twice more = 17 virtual layers)."""
+    looped = list(range(loop_start, loop_end + 1)) * num_loops
+    return list(range(loop_end + 1)) + looped + list(range(loop_end + 1, num_layers))
 
 
 class GPT(nn.Module):
-    """The baseline GPT (U-net skips between the first and second half of the blocks, tied embeddings,
-    tanh logit soft-cap) plus, when `num_experts` > 0, a gate Linear(model_dim -> 1 + num_experts) that weighs
-    the neural distribution (slot 0) against the n-gram experts."""
+    """The baseline GPT (U-net skips between the first and second half of the layers, tied embeddings,
+    tanh logit soft-cap) with the record stack's switches (see Hyperparameters) plus, when `num_experts` > 0,
+    a gate Linear(model_dim -> 1 + num_experts) that weighs the neural distribution (slot 0) against the n-gram
+    experts. Depth recurrence reuses blocks and is switched on mid-run with set_recurrence(True)."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: int, rope_base: float, logit_softcap: float, qk_gain_init: float,
                  tied_embed_init_std: float, num_experts: int = 0, neural_floor: float = 0.05,
-                 mixture_loss_weight: float = 0.1):
+                 mixture_loss_weight: float = 0.1, negative_slope: float = 0.0, rope_dims: int = 0,
+                 ln_scale: bool = False, skip_gates: bool = False, parallel_residual_start: int = -1,
+                 xsa_last_n: int = 0, num_loops: int = 0, loop_start: int = 0, loop_end: int = -1):
         super().__init__()
         self.logit_softcap = logit_softcap
         self.neural_floor, self.mixture_loss_weight = neural_floor, mixture_loss_weight
         self.tok_emb = nn.Embedding(vocab_size, model_dim)
-        # The first half of the blocks stores skips that the second half adds back in reverse order.
-        self.num_encoder_layers = num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder_layers, model_dim))
-        self.blocks = nn.ModuleList(Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init)
-                                    for _ in range(num_layers))
+        self.blocks = nn.ModuleList(
+            Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init, negative_slope, rope_dims,
+                  xsa=i >= num_layers - xsa_last_n, parallel=0 <= parallel_residual_start <= i,
+                  ln_scale=1.0 / math.sqrt(i + 1) if ln_scale else 1.0)
+            for i in range(num_layers))
+        self.plain_layers = list(range(num_layers))
+        self.looped_layers = virtual_layers(num_layers, num_loops, loop_start, loop_end)
+        self.execution_order = self.plain_layers
+        # The first half of the (virtual) layers stores skips that the second half adds back in reverse order;
+        # sized for the looped order, whose first rows the plain order uses.
+        num_skips = len(self.looped_layers) // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, model_dim)) if skip_gates else None
         self.final_norm = RMSNorm()
         self.gate = nn.Linear(model_dim, 1 + num_experts) if num_experts else None
         nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
@@ -467,15 +635,25 @@ class GPT(nn.Module):
             with torch.no_grad():
                 self.gate.bias.zero_()[0] = 2.0
 
-    def layer_states(self, input_ids: Tensor) -> list[Tensor]:  # [B, T] int64 -> per layer [B, T, D]
-        """The residual stream after each layer, in execution order (analysis tools probe these)."""
+    def set_recurrence(self, active: bool) -> None:
+        """Switch depth recurrence on (the looped execution order) or off; torch.compile recompiles once."""
+        self.execution_order = self.looped_layers if active else self.plain_layers
+
+    def layer_states(self, input_ids: Tensor) -> list[Tensor]:  # [B, T] int64 -> per virtual layer [B, T, D]
+        """The residual stream after each virtual layer, in execution order (analysis tools probe these)."""
         x = x0 = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
+        num_encoder = len(self.execution_order) // 2
         skips, states = [], []
-        for i, block in enumerate(self.blocks):
-            decoder_index = i - self.num_encoder_layers
+        for i, block_index in enumerate(self.execution_order):
+            decoder_index = i - num_encoder
             if decoder_index >= 0 and skips:
-                x = x + self.skip_weights[decoder_index].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+                skip = self.skip_weights[decoder_index].to(x.dtype) * skips.pop()
+                if self.skip_gates is None:
+                    x = x + skip
+                else:
+                    # Sigmoid-gated skip (PR #1493): a learned per-channel blend of the skip and the stream.
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[decoder_index]).to(x.dtype))
+            x = self.blocks[block_index](x, x0)
             if decoder_index < 0:
                 skips.append(x)
             states.append(x)
@@ -511,7 +689,10 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
     return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
                args.rope_base, args.logit_softcap, args.qk_gain_init, args.tied_embed_init_std,
                num_experts=len(args.ngram_orders), neural_floor=args.ngram_neural_floor,
-               mixture_loss_weight=args.ngram_loss_weight).to(device)
+               mixture_loss_weight=args.ngram_loss_weight, negative_slope=args.mlp_negative_slope,
+               rope_dims=args.rope_dims, ln_scale=args.ln_scale, skip_gates=args.skip_gates,
+               parallel_residual_start=args.parallel_residual_start, xsa_last_n=args.xsa_last_n,
+               num_loops=args.num_loops, loop_start=args.loop_start, loop_end=args.loop_end).to(device)
 
 
 # -----------------------------
@@ -886,23 +1067,94 @@ def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, tokens
 
 QUANT_MIN_NUMEL = 65_536  # smaller tensors (norm scales, residual mixes, the gate) stay fp16: few bytes, touchy
 ZSTD_LEVEL = 22
+# Artifact file = ARTIFACT_MAGIC + one byte (index into COMPRESSORS) + compressed byte-shuffled torch.save(blob).
+# Files that start with the zstd frame magic are the earlier raw-zstd artifacts (formats int8_zstd / int6_zstd).
+ARTIFACT_MAGIC = b"PGA1"
+COMPRESSORS = ("zstd", "lzma", "brotli")
+ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor], bits: int) -> dict:
+@torch.no_grad()
+def collect_hessians(model: GPT, calib_batches: list[Tensor]) -> dict[str, Tensor]:
+    """GPTQ's H = sum X^T X of the inputs of every quantized matrix, over this rank's calibration batches ([B, T]
+    int64 training tokens), summed over ranks. The tied embedding's input is the final hidden state it scores."""
+    hessians, hooks = {}, []
+
+    def add(name: str, x: Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.size(-1))
+        hessians[name] = hessians.get(name, 0) + x.T @ x
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.weight.numel() >= QUANT_MIN_NUMEL and module is not model.gate:
+            hooks.append(module.register_forward_hook(lambda m, inp, out, n=name: add(n + ".weight", inp[0])))
+    hooks.append(model.final_norm.register_forward_hook(lambda m, inp, out: add("tok_emb.weight", out)))
+    was_training = model.training
+    model.eval()
+    for batch in calib_batches:
+        model.hidden(batch)
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    return {name: all_reduce(h) for name, h in sorted(hessians.items())}
+
+
+def sdclip_scale(w: Tensor, qmax: int, clip_sigmas: float) -> Tensor:  # [R, C] float32 -> [R] fp16
+    """SDClip (PR #1493): clip each row at k * std(row), so one outlier cannot stretch the whole row's grid;
+    k = 0 clips at the row's abs max (round-to-nearest without clipping). fp16 scales make dequant exact."""
+    clip = clip_sigmas * w.std(dim=1) if clip_sigmas > 0 else w.abs().amax(dim=1)
+    return (clip / qmax).clamp_min(2.0 ** -14).half()
+
+
+def gptq_quantize(w: Tensor, hessian: Tensor, scale: Tensor, qmax: int, block: int = 128) -> Tensor:
+    """Full-Hessian GPTQ (arXiv 2210.17323) on a fixed per-row grid: quantize columns in order of decreasing
+    H_jj and push each column's rounding error onto the columns not yet quantized. [R, C] float32 -> int8."""
+    hessian = hessian.clone()
+    dead = hessian.diag() == 0
+    hessian[dead, dead] = 1.0
+    hessian.diagonal().add_(0.01 * hessian.diag().mean())
+    perm = torch.argsort(hessian.diag(), descending=True)
+    w, hessian = w[:, perm].clone(), hessian[perm][:, perm]
+    w[:, dead[perm]] = 0.0
+    # Upper Cholesky factor of H^-1: row j holds the error-propagation weights of column j.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    s = scale.float()
+    q = torch.zeros_like(w, dtype=torch.int8)
+    for i1 in range(0, w.size(1), block):
+        i2 = min(i1 + block, w.size(1))
+        wb, err = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2])
+        for j in range(i2 - i1):
+            qj = torch.round(wb[:, j] / s).clamp(-qmax, qmax)
+            q[:, i1 + j] = qj.to(torch.int8)
+            err[:, j] = (wb[:, j] - qj * s) / hinv[i1 + j, i1 + j]
+            wb[:, j:] -= err[:, j:j + 1] * hinv[i1 + j, i1 + j:i2][None, :]
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return q[:, torch.argsort(perm)]
+
+
+def quantize_state_dict(state_dict: dict[str, Tensor], bits: int, hessians: dict[str, Tensor] | None = None,
+                        clip_sigmas: float = 0.0, embed_bits: int | None = None,
+                        embed_clip_sigmas: float = 0.0) -> dict:
     """Per-row symmetric quantization of the large matrices to [-qmax, qmax] (int8 storage; int6 values compress
-    better) with one fp16 scale per row; every other tensor is stored as fp16."""
-    qmax = 2 ** (bits - 1) - 1
-    blob = {"__format__": f"int{bits}_zstd_v1", "quantized": {}, "scales": {}, "float16": {}, "dtypes": {}}
+    better) with one fp16 scale per row: GPTQ where `hessians` has the matrix, round-to-nearest elsewhere. The
+    embedding gets embed_bits / embed_clip_sigmas (default: as the matrices); every other tensor is stored fp16.
+    Runs where the tensors are (GPTQ's column loop is thousands of small steps: on GPU it takes seconds)."""
+    gptq = bool(hessians)
+    blob = {"__format__": f"int{bits}{'_gptq' if gptq else ''}_v1", "quantized": {}, "scales": {}, "float16": {},
+            "dtypes": {}}
     for name, tensor in state_dict.items():
-        t = tensor.detach().cpu().float()
+        t = tensor.detach().float()
         blob["dtypes"][name] = str(tensor.dtype).removeprefix("torch.")
         if t.ndim == 2 and t.numel() >= QUANT_MIN_NUMEL:
-            # The clamp keeps all-zero rows finite; quantizing with the fp16-rounded scale makes dequant exact.
-            scale = (t.abs().amax(dim=1) / qmax).clamp_min(2.0 ** -14).half()
-            blob["quantized"][name] = torch.round(t / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
-            blob["scales"][name] = scale
+            is_embed = name == "tok_emb.weight"
+            qmax = 2 ** (((embed_bits or bits) if is_embed else bits) - 1) - 1
+            scale = sdclip_scale(t, qmax, embed_clip_sigmas if is_embed else clip_sigmas)
+            if gptq and name in hessians:
+                q = gptq_quantize(t, hessians[name].to(t.device, torch.float32), scale, qmax)
+            else:
+                q = torch.round(t / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
+            blob["quantized"][name], blob["scales"][name] = q.cpu(), scale.cpu()
         else:
-            blob["float16"][name] = t.half()
+            blob["float16"][name] = t.half().cpu()
     return blob
 
 
@@ -912,29 +1164,108 @@ def dequantize_state_dict(blob: dict) -> dict[str, Tensor]:
     return {name: tensors[name].to(getattr(torch, dtype)) for name, dtype in blob["dtypes"].items()}
 
 
-def compress_artifact(blob: dict) -> bytes:
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """Bytes 0, 2, 4, ... then 1, 3, 5, ...: the fp16 scales' high and low bytes each form a smoother stream
+    (PR #1089)."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return b"".join(arr[i::stride].tobytes() for i in range(stride))
+
+
+def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
+    arr, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
+    offset = 0
+    for i in range(stride):
+        n = len(range(i, len(data), stride))
+        out[i::stride] = arr[offset:offset + n]
+        offset += n
+    return out.tobytes()
+
+
+def _codec(name: str):
+    """(compress, decompress) of one of COMPRESSORS at its strongest setting."""
+    if name == "zstd":
+        return (zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress, zstandard.ZstdDecompressor().decompress)
+    if name == "lzma":
+        return (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)
+    import brotli  # imported here so the rest of the kit works without it
+
+    return (lambda b: brotli.compress(b, quality=11), brotli.decompress)
+
+
+def compress_artifact(blob: dict, compressor: str = "zstd") -> bytes:
+    """The artifact's bytes: header, then the byte-shuffled blob compressed with `compressor`, or with each of
+    COMPRESSORS keeping the smallest for "best" (env COMPRESSOR)."""
+    if compressor not in COMPRESSORS + ("best",):
+        raise ValueError(f"COMPRESSOR={compressor} must be one of {', '.join(COMPRESSORS)}, best")
     buffer = io.BytesIO()
     torch.save(blob, buffer)
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(buffer.getvalue())
+    data = byte_shuffle(buffer.getvalue())
+    candidates = [ARTIFACT_MAGIC + bytes([COMPRESSORS.index(name)]) + _codec(name)[0](data)
+                  for name in (COMPRESSORS if compressor == "best" else (compressor,))]
+    return min(candidates, key=len)
 
 
 def load_artifact(path: Path) -> dict:
+    """The quantized blob of an artifact file (this format or the earlier raw-zstd one), with "__compressor__"."""
     if not path.is_file():
         raise FileNotFoundError(f"artifact not found: {path}")
+    raw = path.read_bytes()
     try:
-        raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
-    except zstandard.ZstdError as err:
-        raise ValueError(f"{path}: not a zstd-compressed artifact ({err})") from None
-    blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    if blob.get("__format__") not in ("int8_zstd_v1", "int6_zstd_v1"):
-        raise ValueError(f"{path}: unknown artifact format {blob.get('__format__')!r}")
+        if raw[:4] == ZSTD_FRAME_MAGIC:
+            compressor, data = "zstd", zstandard.ZstdDecompressor().decompress(raw)
+        elif raw[:4] == ARTIFACT_MAGIC and raw[4] < len(COMPRESSORS):
+            compressor = COMPRESSORS[raw[4]]
+            data = byte_unshuffle(_codec(compressor)[1](raw[5:]))
+        else:
+            raise ValueError("unknown header")
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a zstd-compressed artifact nor a {ARTIFACT_MAGIC!r} one ({err})") from None
+    # Earlier files named their compressor in the format (int8_zstd_v1); today the header names it.
+    blob["__format__"] = str(blob.get("__format__")).replace("_zstd_v1", "_v1") if raw[:4] == ZSTD_FRAME_MAGIC \
+        else blob.get("__format__")
+    if not re.fullmatch(r"int[2-8](_gptq)?_v1", str(blob["__format__"])):
+        raise ValueError(f"{path}: unknown artifact format {blob['__format__']!r}")
+    blob["__compressor__"] = compressor
     return blob
 
 
+def artifact_label(blob: dict) -> str:
+    """The name logs give a loaded artifact's format, e.g. int6_gptq_brotli (int8_zstd = the baseline's)."""
+    return f"{blob['__format__'].removesuffix('_v1')}_{blob['__compressor__']}"
+
+
+def calibration_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device) -> list[Tensor]:
+    """This rank's share of GPTQ_CALIB_BATCHES batches ([B, TRAIN_SEQ_LEN] int64) from the start of the train
+    stream: training tokens only, the same batches whatever the world size."""
+    if args.gptq_calib_batches == 0:
+        return []
+    stream = TokenStream(list_shards(args.data_path, "train"), args.vocab_size)
+    batch_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
+    batches = [stream.take(batch_tokens) for _ in range(args.gptq_calib_batches)]
+    return [b.to(device, torch.int64).reshape(-1, args.train_seq_len) for b in batches[rank::world_size]]
+
+
+def export_artifact(args: Hyperparameters, model: GPT, ema: EMA | None, calib_batches: list[Tensor],
+                    master: bool = True) -> bytes:
+    """Load the EMA weights into `model` (they are what is exported and scored), collect GPTQ Hessians (every
+    rank: they are all-reduced), then on the master quantize and compress. Returns the artifact (b"" elsewhere)."""
+    if ema is not None:
+        model.load_state_dict(ema.state_dict(model))
+    hessians = collect_hessians(model, calib_batches) if args.gptq_calib_batches > 0 else None
+    if not master:
+        return b""
+    blob = quantize_state_dict(model.state_dict(), args.quant_bits, hessians, args.matrix_clip_sigmas,
+                               args.embed_bits, args.embed_clip_sigmas)
+    return compress_artifact(blob, args.compressor)
+
+
 def model_from_artifact(args: Hyperparameters, path: Path, device: torch.device) -> GPT:
-    """A fresh model built from the artifact's bytes alone, as the evaluation and the analysis tools load it."""
+    """A fresh model built from the artifact's bytes alone, as the evaluation and the analysis tools load it.
+    A trained model ends with depth recurrence on, so the reloaded one runs it too."""
     model = build_model(args, device)
     model.load_state_dict(dequantize_state_dict(load_artifact(Path(path))))
+    model.set_recurrence(True)
     return model
 
 
@@ -1059,24 +1390,6 @@ def build_eval_setup(run: Run, model: GPT, stride: int) -> EvalSetup:
                      run.rank, run.world_size, run.args.ngram_min_count, run.autocast)
 
 
-def build_optimizers(args: Hyperparameters, model: GPT, fused: bool) -> list[torch.optim.Optimizer]:
-    """Muon for the block matrices; Adam for the embedding, the scalars and the gate. Each group keeps its
-    base_lr for the schedule."""
-    matrix_params = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
-    matrix_ids = {id(p) for p in matrix_params}
-    scalar_params = [p for p in model.blocks.parameters() if id(p) not in matrix_ids] + [model.skip_weights]
-    adam_groups = [dict(params=[model.tok_emb.weight], lr=args.tied_embed_lr), dict(params=scalar_params,
-                                                                                  lr=args.scalar_lr)]
-    if model.gate is not None:
-        adam_groups.append(dict(params=list(model.gate.parameters()), lr=args.ngram_gate_lr))
-    optimizers = [torch.optim.Adam(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused),
-                  Muon(matrix_params, lr=args.matrix_lr, momentum=args.muon_momentum,
-                       backend_steps=args.muon_backend_steps)]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
-    return optimizers
-
 
 def prefill_tables(run: Run, train_files: list[Path]) -> tuple[NgramTables | None, int]:
     """Frozen n-gram tables of the first NGRAM_PREFILL_TOKENS of the train stream, identical on every rank, for
@@ -1104,6 +1417,7 @@ class Trainer:
     tables: NgramTables | None
     prefill_tokens: int
     lookup_positions: Tensor  # [8 * local_tokens] segment positions of the step's targets, micro-batch order
+    ema: EMA | None  # the exponential moving average of the weights, which is exported
 
 
 def train_step(run: Run, trainer: Trainer) -> Tensor:
@@ -1149,18 +1463,6 @@ def optimizer_step(args: Hyperparameters, trainer: Trainer, step: int, lr_multip
         opt.zero_grad(set_to_none=True)
 
 
-def warmdown_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """Linear warmdown over the last WARMDOWN_ITERS steps, counted by iterations and, under a wallclock cap, by the
-    projected time left, whichever comes first, so a run ends cooled down either way."""
-    if args.warmdown_iters <= 0:
-        return 1.0
-    multiplier = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
-    if args.max_wallclock_seconds > 0 and step > 0:
-        warmdown_ms = args.warmdown_iters * elapsed_ms / step
-        multiplier = min(multiplier, max(1000.0 * args.max_wallclock_seconds - elapsed_ms, 0.0) / warmdown_ms)
-    return multiplier
-
-
 def build_trainer(run: Run, train_files: list[Path], tables: NgramTables | None, prefill_tokens: int) -> Trainer:
     args = run.args
     base_model = build_model(args, run.device)
@@ -1173,8 +1475,9 @@ def build_trainer(run: Run, train_files: list[Path], tables: NgramTables | None,
     # One n-gram lookup per step for all micro-batches: the targets are positions 1..local_tokens of each span.
     lookup_positions = (torch.tensor(loader.span_starts, device=run.device)[:, None] +
                         torch.arange(1, local_tokens + 1, device=run.device)).reshape(-1)
-    return Trainer(model, base_model, build_optimizers(args, base_model, run.use_cuda), loader, tables,
-                   prefill_tokens, lookup_positions)
+    ema = EMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
+    return Trainer(model, base_model, build_optimizers(args, base_model), loader, tables, prefill_tokens,
+                   lookup_positions, ema)
 
 
 def warm_up(run: Run, trainer: Trainer, train_files: list[Path]) -> None:
@@ -1197,9 +1500,9 @@ def warm_up(run: Run, trainer: Trainer, train_files: list[Path]) -> None:
                                             loader.span - 1)
 
 
-def train_model(run: Run) -> GPT:
+def train_model(run: Run) -> Trainer:
     """Prefill the frozen n-gram tables, then train until ITERATIONS or the wallclock cap (which the prefill counts
-    against); logs train and periodic (neural, non-overlapping) val lines. Returns the trained model."""
+    against); logs train and periodic (neural, non-overlapping) val lines. Returns the trainer (model, EMA)."""
     args = run.args
     train_files = list_shards(args.data_path, "train")
     run.sync()
@@ -1233,8 +1536,12 @@ def train_model(run: Run) -> GPT:
                 run.log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{args.iterations}")
             break
         elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        # Depth recurrence from ENABLE_LOOPING_AT of the run on.
+        trainer.base_model.set_recurrence(training_progress(args, step, elapsed_ms) >= args.enable_looping_at)
         stats = train_step(run, trainer)
-        optimizer_step(args, trainer, step, warmdown_multiplier(args, step, elapsed_ms))
+        optimizer_step(args, trainer, step, lr_scale(args, step, elapsed_ms))
+        if trainer.ema is not None:
+            trainer.ema.update(trainer.base_model)
         step += 1
         approx_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
         # One small all-reduce per step: stop together at the cap, and fail fast on a non-finite loss.
@@ -1251,13 +1558,18 @@ def train_model(run: Run) -> GPT:
             run.log(f"step:{step}/{args.iterations} train_loss:{ce:.4f} train_time:{approx_ms:.0f}ms "
                     f"step_avg:{approx_ms / step:.2f}ms" + (f" mix_nll:{mix_nll:.4f}" if tables is not None else ""))
     run.log_peak_memory()
-    return trainer.base_model
+    return trainer
 
 
-def export_artifact(run: Run, model: GPT) -> Path:
-    """Rank 0 quantizes, compresses and writes the artifact; after the barrier every rank can reload it."""
+
+def write_artifact(run: Run, trainer: Trainer) -> Path:
+    """The exported weights (EMA), GPTQ Hessians from training tokens on every rank, then rank 0 quantizes,
+    compresses and writes the artifact; after the barrier every rank can reload it."""
+    calib = calibration_batches(run.args, run.rank, run.world_size, run.device)
+    with run.autocast():
+        artifact = export_artifact(run.args, trainer.base_model, trainer.ema, calib, run.master)
     if run.master:
-        run.artifact_path.write_bytes(compress_artifact(quantize_state_dict(model.state_dict(), run.args.quant_bits)))
+        run.artifact_path.write_bytes(artifact)
     if run.distributed:
         dist.barrier()
     return run.artifact_path
@@ -1268,7 +1580,7 @@ def evaluate_artifact(run: Run, path: Path) -> None:
     with the n-gram cache and TTT (score-then-update) under the legality audit; EVAL_DUMP writes the final pass."""
     args = run.args
     model_bytes = path.stat().st_size
-    quant = load_artifact(path)["__format__"].removesuffix("_v1")
+    quant = artifact_label(load_artifact(path))
     run.log(f"Serialized model {quant}: {model_bytes} bytes")
     run.log(f"Code size: {run.code_bytes} bytes")
     run.log(f"Total submission size {quant}: {run.code_bytes + model_bytes} bytes")
@@ -1322,7 +1634,7 @@ def evaluate_artifact(run: Run, path: Path) -> None:
 
 def main() -> None:
     run = start_run(Hyperparameters())
-    path = Path(run.args.eval_artifact) if run.args.eval_artifact else export_artifact(run, train_model(run))
+    path = Path(run.args.eval_artifact) if run.args.eval_artifact else write_artifact(run, train_model(run))
     evaluate_artifact(run, path)
     run.log_peak_memory()
     if run.distributed:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import train_gpt as tg  # noqa: E402
-from devkit import log_fields, read_env_file  # noqa: E402
+from devkit import log_fields, parse_log, read_env_file  # noqa: E402
 from ngram_mixer import NgramTables  # noqa: E402
 from pr834_tables import BucketedTables  # noqa: E402
 
@@ -38,7 +38,8 @@ def main():
     subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, check=True, stdout=subprocess.DEVNULL,
                    env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
     log = (workdir / "logs" / "sample_results.txt").read_text()
-    neural = log_fields(log, "final_int8_zstd_roundtrip_exact")
+    quant = parse_log(workdir / "logs" / "sample_results.txt").quant
+    neural = log_fields(log, f"final_{quant}_roundtrip_exact")
     full = log_fields(log, "final_ngram_ttt_exact")
     audit = log_fields(log, "legality_audit")
 
@@ -73,7 +74,7 @@ def main():
     invalid = rescore("pr834_invalid", BucketedTables(args.vocab_size, args.ngram_orders, buckets=1 << 20), 0)
     full_audit = (audit["positions"], audit["max_abs_sum_err"], audit["max_gold_logp_err"],
                   audit["max_future_logp_delta"])
-    rows = [("neural only (round-tripped int8+zstd artifact, sliding windows)", neural["val_loss"],
+    rows = [(f"neural only (round-tripped {quant} artifact, sliding windows)", neural["val_loss"],
              neural["val_bpb"], "-"),
             ("+ TTT (no cache)", ttt_only.val_loss, ttt_only.val_bpb, "-"),
             ("+ cache (no TTT)", cache_only.val_loss, cache_only.val_bpb, audit_text(cache_only.audit)),
