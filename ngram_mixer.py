@@ -39,6 +39,9 @@ small extends cost O(table) each and give byte-identical arrays to one extend of
 three binary searches per (order, position): lower bound of ctx_key*V, upper bound of ctx_key*V + V-1, and lower
 bound of the pair key.
 """
+import itertools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -89,6 +92,12 @@ def _context_keys(columns, vocab_size, orders):
     bits = _bits(vocab_size)
     per_word = 63 // bits
     chain, word, in_word = 0, 0, 0
+    columns = iter(columns)
+    if orders[0] == 1:
+        # the unigram's context is empty: key 0 for every position
+        first = next(columns)
+        yield torch.zeros_like(first)
+        columns = itertools.chain([first], columns)
     for j, ids in zip(range(1, orders[-1]), columns):
         word = ids if in_word == 0 else torch.add(word, ids, alpha=vocab_size**in_word)
         in_word += 1
@@ -181,18 +190,79 @@ def _as_ids(x, name, limit, device):
     return x
 
 
+def _stable_argsort(x):
+    """Indices [N] int64 that sort x ([N] int64) with ties kept in their original order."""
+    if x.device.type == "cpu":
+        # numpy's radix sort for int64 (kind="stable") is several times faster than torch's stable sort on CPU
+        return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
+    return torch.sort(x, stable=True).indices
+
+
+class _EarlierEqual:
+    """Counts of earlier equal keys: for query (key q, bound t), #{events e : key_e == q and position_e < t}.
+
+    Events are sorted by (key, position) once: a stable sort by key of events given in position order. Within
+    a key's group the positions ascend, so the count is a binary search for t inside the group. The two-level
+    search is one searchsorted over comp = group_start * S + position (S > every bound), which is sorted: a
+    group's values lie in [group_start * S, group_start * S + S) and the next group starts at >= (start + 1) * S.
+    """
+
+    def __init__(self, keys, positions, bound_limit):
+        # keys: [E] int64; positions: [E] int64 ascending, < bound_limit; bound_limit: int > every query bound
+        order = _stable_argsort(keys)
+        self.keys, self.scale = keys[order], bound_limit + 1
+        n = self.keys.numel()
+        new_group = torch.ones(n, dtype=torch.bool, device=keys.device)
+        new_group[1:] = self.keys[1:] != self.keys[:-1]
+        index = torch.arange(n, device=keys.device)
+        group_start = torch.cummax(torch.where(new_group, index, 0), 0).values if n else index
+        self.comp = group_start * self.scale + positions[order]
+        # first occurrence of its key among the events, and how many events share its key, in the events' order
+        self.first = torch.empty_like(new_group)
+        self.first[order] = new_group
+        group_end = torch.flip(torch.cummin(torch.flip(torch.where(
+            torch.cat([new_group[1:], new_group.new_ones(1)]), index, n), [0]), 0).values, [0]) if n else index
+        self.group_size = torch.empty_like(index)
+        self.group_size[order] = group_end - group_start + 1
+
+    def count(self, query, bound):
+        """query: [..] int64 keys; bound: [..] int64 in [0, bound_limit]. Returns int64 [..]."""
+        n = self.keys.numel()
+        if n == 0:
+            return torch.zeros_like(query)
+        lo = _searchsorted(self.keys, query)
+        found = self.keys[lo.clamp(max=n - 1)] == query
+        below = _searchsorted(self.comp, lo * self.scale + bound) - lo
+        return torch.where(found, below, 0)
+
+
+@dataclass
+class ExpertCounts:
+    """Counts behind each expert at each query, rows k = the table's orders, all int64 [K, P].
+
+    context: c(ctx), how often the order-n context before the target was seen; pair: c(ctx, target);
+    distinct: N1+(ctx .), how many distinct tokens were seen after that context. Zero where t < n-1.
+    context = sum over tokens of pair, and distinct = #{tokens with pair > 0}, exactly.
+    """
+    context: torch.Tensor
+    pair: torch.Tensor
+    distinct: torch.Tensor
+
+
 class NgramTables:
     """Exact count tables for the given n-gram orders over a token stream that grows by extend()."""
 
     def __init__(self, vocab_size: int, orders=(2, 3, 4, 5, 6, 7), device=None, backend: str = "auto"):
-        """vocab_size: V, ids are in [0, V). orders: sorted distinct ints >= 2. device: where the tables live
+        """vocab_size: V, ids are in [0, V). orders: sorted distinct ints >= 1 (1 = unigram, empty context), the
+        largest >= 2. device: where the tables live
         (default CPU). backend: lookup engine, "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch"
         (torch.searchsorted), or "auto" = triton on CUDA when importable, else torch."""
         orders = tuple(orders)
         if not isinstance(vocab_size, int) or not 2 <= vocab_size <= 2**31:
             raise ValueError(f"vocab_size must be an int in [2, 2^31], got {vocab_size!r}")
-        if not orders or any(type(n) is not int or n < 2 for n in orders) or list(orders) != sorted(set(orders)):
-            raise ValueError(f"orders must be sorted distinct ints >= 2, got {orders!r}")
+        if (not orders or any(type(n) is not int or n < 1 for n in orders) or list(orders) != sorted(set(orders))
+                or orders[-1] < 2):
+            raise ValueError(f"orders must be sorted distinct ints >= 1, the largest >= 2, got {orders!r}")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         if backend == "triton" and triton is None:
@@ -260,18 +330,7 @@ class NgramTables:
         """
         stream = _as_ids(stream, "stream", self.vocab_size, self.device)
         positions = _as_ids(positions, "positions", stream.numel(), self.device)
-        orders = torch.tensor(self.orders, device=self.device)[:, None]
-        valid = positions >= orders - 1
-        # keys are computed here for both backends, so the hashing exists in one place
-        columns = _columns(stream, positions, self.max_order)
-        base = torch.stack(list(_context_keys(columns, self.vocab_size, self.orders))).mul_(self.vocab_size)
-        tokens = stream[positions]
-        if self.backend == "triton" and positions.numel() and self.keys.numel():
-            ctx, pair = _lookup_triton(self.keys, self.cum, self.key_offsets, base, tokens, self.vocab_size)
-        else:
-            ctx, pair = self._lookup_torch(base, tokens)
-        ctx.masked_fill_(~valid, 0)
-        pair.masked_fill_(~valid, 0)
+        ctx, pair, _, valid = self._table_counts(stream, positions, stream[positions])
         if exclude_self is False:
             return ctx, pair
         drop = torch.as_tensor(exclude_self, dtype=torch.bool, device=self.device)
@@ -289,9 +348,102 @@ class NgramTables:
                              "that n-gram is not in the table")
         return ctx, pair
 
+    def counts(self, stream: torch.Tensor, positions: torch.Tensor, targets=None, chunk_start=None,
+               in_table=None) -> ExpertCounts:
+        """Counts of every order at every position, as seen from the prefix before it. Two uses:
+
+        Evaluation (in_table None): the table PLUS the stream's own earlier tokens. For t = positions[p] the
+        counts are those of the table plus those of the n-grams ending at q with chunk_start <= q < t in
+        `stream`: every token before t when the table holds stream[0:chunk_start] (the eval cache), so a chunk's
+        targets see its own earlier tokens exactly, never the token at t or later ones. chunk_start: int
+        (default self.num_tokens); where chunk_start >= t the table alone is read.
+        Training (in_table given): the stream lies inside the table's own stream. in_table: bool [K, L], where
+        the order-k n-gram ending at stream position q was counted into the table. The counts are the table's
+        WITHOUT those occurrences at q >= t (leave-future-out: the position sees the rest of the table and its
+        own stream's earlier tokens, as the eval cache does; q = t alone is leave-one-out). chunk_start unused.
+
+        stream: [L] int, ids in [0, V); positions: [P] int in [0, L), or [0, L] when targets is given;
+        targets: [P] int (default stream[positions]): the token whose pair count is read at each position.
+        Returns ExpertCounts ([K, P] int64 each), exact.
+        """
+        stream = _as_ids(stream, "stream", self.vocab_size, self.device)
+        positions = _as_ids(positions, "positions", stream.numel() + (targets is not None), self.device)
+        if targets is None:
+            targets = stream[positions]
+        else:
+            targets = _as_ids(targets, "targets", self.vocab_size, self.device)
+            if targets.shape != positions.shape:
+                raise ValueError(f"targets must have the shape of positions {tuple(positions.shape)}, "
+                                 f"got {tuple(targets.shape)}")
+        base = self._context_bases(stream, positions)
+        context, pair, distinct, valid = self._table_counts(stream, positions, targets, base)
+        if in_table is None:
+            first = self.num_tokens if chunk_start is None else int(chunk_start)
+            if first < 0:
+                raise ValueError(f"chunk_start must be >= 0, got {first}")
+            # events up to the last bound any query needs
+            end = min(stream.numel(), int(positions.max()) if positions.numel() else 0)
+        else:
+            if in_table.shape != (len(self.orders), stream.numel()) or in_table.dtype != torch.bool:
+                raise ValueError(f"in_table must be bool [{len(self.orders)}, {stream.numel()}], "
+                                 f"got {in_table.dtype} {tuple(in_table.shape)}")
+            first, end = 0, stream.numel()
+        if end <= first:
+            return ExpertCounts(context, pair, distinct)
+        event_pos = torch.arange(first, end, device=self.device)
+        event_base = self._context_bases(stream, event_pos)
+        event_tokens = stream[event_pos]
+        _, event_in_table, _, event_valid = self._table_counts(stream, event_pos, event_tokens, event_base)
+        query_pair = base + targets
+        for k in range(len(self.orders)):
+            live = event_valid[k] if in_table is None else event_valid[k] & in_table[k].to(self.device)
+            pos, ctx_keys = event_pos[live], event_base[k][live]
+            pairs = _EarlierEqual(ctx_keys + event_tokens[live], pos, end)
+            contexts = _EarlierEqual(ctx_keys, pos, end)
+            bound = torch.where(valid[k], positions, 0).clamp(max=end)
+            if in_table is None:
+                # a continuation is new where its pair is in neither the table nor earlier in the chunk
+                new = pairs.first & (event_in_table[k][live] == 0)
+                fresh = _EarlierEqual(ctx_keys[new], pos[new], end)
+                context[k] += contexts.count(base[k], bound)
+                pair[k] += pairs.count(query_pair[k], bound)
+                distinct[k] += fresh.count(base[k], bound)
+                continue
+            # leave-future-out: remove the occurrences at q >= t; a pair leaves the context's continuations when
+            # all of its table occurrences are stream events and the first of them is at or after t
+            if (event_in_table[k][live] < pairs.group_size).any():
+                raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
+            gone = pairs.first & (event_in_table[k][live] == pairs.group_size)
+            leaving = _EarlierEqual(ctx_keys[gone], pos[gone], end)
+            later = torch.where(valid[k], end, 0)
+            context[k] -= contexts.count(base[k], later) - contexts.count(base[k], bound)
+            pair[k] -= pairs.count(query_pair[k], later) - pairs.count(query_pair[k], bound)
+            distinct[k] -= leaving.count(base[k], later) - leaving.count(base[k], bound)
+        return ExpertCounts(context, pair, distinct)
+
+    def _context_bases(self, stream, positions):
+        # context key * V, int64 [K, P], of the context right before each position (positions may equal L)
+        return torch.stack(list(_context_keys(_columns(stream, positions, self.max_order), self.vocab_size,
+                                              self.orders))).mul_(self.vocab_size)
+
+    def _table_counts(self, stream, positions, tokens, base=None):
+        """(context, pair, distinct, valid) [K, P] of the table alone: the counts of the context before each
+        position (stream [L] int64, positions [P] int64 in [0, L]) and of the pair (context, tokens[p]), the
+        number of distinct tokens seen after the context, and valid = t >= n-1 (counts are 0 elsewhere)."""
+        valid = positions >= torch.tensor(self.orders, device=self.device)[:, None] - 1
+        # keys are computed here for both backends, so the hashing exists in one place
+        base = self._context_bases(stream, positions) if base is None else base
+        if self.backend == "triton" and positions.numel() and self.keys.numel():
+            counts = _lookup_triton(self.keys, self.cum, self.key_offsets, base, tokens, self.vocab_size)
+        else:
+            counts = self._lookup_torch(base, tokens)
+        for c in counts:
+            c.masked_fill_(~valid, 0)
+        return (*counts, valid)
+
     def _lookup_torch(self, base, tokens):
-        # base: [K, P] int64 context key * V; tokens: [P] int64. Returns (ctx, pair) int64 [K, P].
-        ctx, pair = torch.zeros_like(base), torch.zeros_like(base)
+        # base: [K, P] int64 context key * V; tokens: [P] int64. Returns (ctx, pair, distinct) int64 [K, P].
+        ctx, pair, distinct = torch.zeros_like(base), torch.zeros_like(base), torch.zeros_like(base)
         for k, n in enumerate(self.orders):
             keys, cum = self.pair_keys[n], self.cum_counts[n]
             if keys.numel() == 0:
@@ -308,7 +460,9 @@ class NgramTables:
             hit = keys[at.clamp(max=keys.numel() - 1)] == query
             ctx[k, perm] = cum[hi] - cum[lo]
             pair[k, perm] = cum[at + hit.long()] - cum[at]
-        return ctx, pair
+            # the context's distinct pair keys are exactly keys[lo:hi]
+            distinct[k, perm] = hi - lo
+        return ctx, pair, distinct
 
     def probs(self, stream: torch.Tensor, positions: torch.Tensor, exclude_self=False) -> torch.Tensor:
         """pair_count / context_count as float32 [K, P], 0 where the context count is 0 (arguments as lookup)."""
@@ -344,7 +498,7 @@ class NgramTables:
 if triton is not None:
     @triton.jit
     def _ngram_lookup_kernel(keys_ptr, cum_ptr, offsets_ptr, base_ptr, token_ptr, ctx_out_ptr, pair_out_ptr,
-                             n_pos, vocab_size, BLOCK: tl.constexpr):
+                             distinct_out_ptr, n_pos, vocab_size, BLOCK: tl.constexpr):
         # grid (cdiv(n_pos, BLOCK), K). Order k's keys are keys[offsets[k]:offsets[k+1]], its running counts
         # cum[offsets[k]+k : offsets[k+1]+k+1] (one leading 0 per order).
         order = tl.program_id(1)
@@ -384,21 +538,74 @@ if triton is not None:
         pair = tl.load(seg_cum + at + tl.where(hit, 1, 0), mask=live, other=0) - below
         tl.store(ctx_out_ptr + row, ctx, mask=live)
         tl.store(pair_out_ptr + row, pair, mask=live)
+        # the context's distinct pair keys are keys[lo:hi]
+        tl.store(distinct_out_ptr + row, hi - lo, mask=live)
 
 
 def _lookup_triton(keys, cum, offsets, base, tokens, vocab_size):
     """Launch _ngram_lookup_kernel. keys: [T], cum: [T + K], offsets: [K + 1], base: [K, P] (context key * V),
-    tokens: [P]; all int64, contiguous, on one device. Returns (ctx, pair) int64 [K, P]."""
+    tokens: [P]; all int64, contiguous, on one device. Returns (ctx, pair, distinct) int64 [K, P]."""
     assert triton is not None, "triton is not installed"
     n_orders, n_pos = base.shape
     for t in (keys, cum, offsets, base, tokens):
         assert t.dtype == torch.int64 and t.is_contiguous() and t.device == base.device
     assert offsets.shape == (n_orders + 1,) and tokens.shape == (n_pos,) and cum.numel() == keys.numel() + n_orders
-    ctx, pair = torch.empty_like(base), torch.empty_like(base)
+    ctx, pair, distinct = torch.empty_like(base), torch.empty_like(base), torch.empty_like(base)
     grid = (triton.cdiv(n_pos, LOOKUP_BLOCK), n_orders)
-    _ngram_lookup_kernel[grid](keys, cum, offsets, base, tokens, ctx, pair, n_pos, vocab_size,
+    _ngram_lookup_kernel[grid](keys, cum, offsets, base, tokens, ctx, pair, distinct, n_pos, vocab_size,
                                BLOCK=LOOKUP_BLOCK, num_warps=LOOKUP_WARPS)
-    return ctx, pair
+    return ctx, pair, distinct
+
+
+def smoothed_probs(counts: ExpertCounts, vocab_size: int, discounts=0.75, method: str = "absolute") -> torch.Tensor:
+    """Each order's interpolated distribution at the target, float64 [K, P], every row a full distribution > 0.
+
+    counts: ExpertCounts with rows in ascending order; vocab_size: V. Row k backs off through rows < k down to
+    the uniform 1/V (the classical cache of Kneser & Ney's absolute discounting, without continuation counts):
+      absolute:    p_k(v) = (max(c(ctx, v) - D_k, 0) + D_k * u(ctx) * p_{k-1}(v)) / c(ctx)
+      witten_bell: p_k(v) = (c(ctx, v) + u(ctx) * p_{k-1}(v)) / (c(ctx) + u(ctx))
+    with u(ctx) = distinct continuations, and p_k = p_{k-1} where c(ctx) = 0. Sum over v: since every seen
+    token has c(ctx, v) >= 1 >= D_k, sum_v max(c - D, 0) = c(ctx) - D u(ctx), so each row sums to 1 exactly;
+    the target's value is all a score needs. discounts (absolute only), each in (0, 1]: a float, K floats (one
+    per order), or a float tensor [K, P] whose values depend only on the prefix (e.g. on the order and c(ctx),
+    never on the target), so that the same discount serves every candidate token.
+    """
+    if method not in ("absolute", "witten_bell"):
+        raise ValueError(f"method must be 'absolute' or 'witten_bell', got {method!r}")
+    n_orders = counts.context.shape[0]
+    if isinstance(discounts, torch.Tensor):
+        discounts = discounts.double().expand(counts.context.shape)
+        ok = bool(((discounts > 0) & (discounts <= 1)).all())
+    else:
+        discounts = [float(discounts)] * n_orders if np.isscalar(discounts) else [float(d) for d in discounts]
+        ok = len(discounts) == n_orders and all(0.0 < d <= 1.0 for d in discounts)
+    if not ok:
+        raise ValueError(f"discounts must be one float, {n_orders} floats or a [{n_orders}, P] tensor, "
+                         f"all in (0, 1]; got {discounts}")
+    lower = torch.full(counts.context.shape[1:], 1.0 / vocab_size, dtype=torch.float64, device=counts.pair.device)
+    rows = []
+    for k in range(n_orders):
+        c, pair, u = counts.context[k].double(), counts.pair[k].double(), counts.distinct[k].double()
+        seen = c > 0
+        if method == "absolute":
+            d = discounts[k]
+            mass = (pair - d).clamp(min=0) + d * u * lower
+            total = c
+        else:
+            mass, total = pair + u * lower, c + u
+        lower = torch.where(seen, mass / torch.where(seen, total, 1.0), lower)
+        rows.append(lower)
+    return torch.stack(rows)
+
+
+def expert_features(counts: ExpertCounts, orders) -> torch.Tensor:
+    """Prefix-only count features for the gate, float32 [P, 2K + 1]: per order log(1 + c(ctx)) and
+    log(1 + u(ctx)) (distinct continuations), then the longest order whose context was seen, divided by the
+    largest order (0 if none). counts: ExpertCounts [K, P]; orders: the K orders, ascending."""
+    orders_col = torch.tensor(orders, dtype=torch.float32, device=counts.context.device)[:, None]
+    longest = torch.where(counts.context > 0, orders_col, 0.0).amax(dim=0) / orders[-1]
+    return torch.cat([torch.log1p(counts.context.float()).T, torch.log1p(counts.distinct.float()).T,
+                      longest[:, None]], dim=1)
 
 
 def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neural_floor: float) -> torch.Tensor:
