@@ -217,13 +217,10 @@ class _EarlierEqual:
         index = torch.arange(n, device=keys.device)
         group_start = torch.cummax(torch.where(new_group, index, 0), 0).values if n else index
         self.comp = group_start * self.scale + positions[order]
-        # first occurrence of its key among the events, and how many events share its key, in the events' order
-        self.first = torch.empty_like(new_group)
-        self.first[order] = new_group
-        group_end = torch.flip(torch.cummin(torch.flip(torch.where(
-            torch.cat([new_group[1:], new_group.new_ones(1)]), index, n), [0]), 0).values, [0]) if n else index
-        self.group_size = torch.empty_like(index)
-        self.group_size[order] = group_end - group_start + 1
+        # dense id of each event's key (0, 1, ... in key order), in the events' order
+        self.group = torch.empty_like(index)
+        self.group[order] = new_group.long().cumsum(0) - 1
+        self.n_groups = int(new_group.sum())
 
     def count(self, query, bound):
         """query: [..] int64 keys; bound: [..] int64 in [0, bound_limit]. Returns int64 [..]."""
@@ -393,32 +390,46 @@ class NgramTables:
         event_pos = torch.arange(first, end, device=self.device)
         event_base = self._context_bases(stream, event_pos)
         event_tokens = stream[event_pos]
-        _, event_in_table, _, event_valid = self._table_counts(stream, event_pos, event_tokens, event_base)
+        _, event_table_pair, _, event_valid = self._table_counts(stream, event_pos, event_tokens, event_base)
         query_pair = base + targets
         for k in range(len(self.orders)):
-            live = event_valid[k] if in_table is None else event_valid[k] & in_table[k].to(self.device)
-            pos, ctx_keys = event_pos[live], event_base[k][live]
-            pairs = _EarlierEqual(ctx_keys + event_tokens[live], pos, end)
-            contexts = _EarlierEqual(ctx_keys, pos, end)
+            live = event_valid[k]
+            pos, ctx_keys, table_pair = event_pos[live], event_base[k][live], event_table_pair[k][live]
+            pair_keys = ctx_keys + event_tokens[live]
+            held = torch.zeros_like(live[live]) if in_table is None else in_table[k].to(self.device)[first:end][live]
             bound = torch.where(valid[k], positions, 0).clamp(max=end)
-            if in_table is None:
-                # a continuation is new where its pair is in neither the table nor earlier in the chunk
-                new = pairs.first & (event_in_table[k][live] == 0)
-                fresh = _EarlierEqual(ctx_keys[new], pos[new], end)
-                context[k] += contexts.count(base[k], bound)
-                pair[k] += pairs.count(query_pair[k], bound)
-                distinct[k] += fresh.count(base[k], bound)
-                continue
-            # leave-future-out: remove the occurrences at q >= t; a pair leaves the context's continuations when
-            # all of its table occurrences are stream events and the first of them is at or after t
-            if (event_in_table[k][live] < pairs.group_size).any():
-                raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
-            gone = pairs.first & (event_in_table[k][live] == pairs.group_size)
-            leaving = _EarlierEqual(ctx_keys[gone], pos[gone], end)
             later = torch.where(valid[k], end, 0)
-            context[k] -= contexts.count(base[k], later) - contexts.count(base[k], bound)
-            pair[k] -= pairs.count(query_pair[k], later) - pairs.count(query_pair[k], bound)
-            distinct[k] -= leaving.count(base[k], later) - leaving.count(base[k], bound)
+            # events outside the table join where q < t; the table's own leave where q >= t
+            added, own = ~held, held
+            for sign, keep, lo, hi in ((1, added, 0, bound), (-1, own, bound, later)):
+                contexts = _EarlierEqual(ctx_keys[keep], pos[keep], end)
+                pairs = _EarlierEqual(pair_keys[keep], pos[keep], end)
+                context[k] += sign * (contexts.count(base[k], hi) - contexts.count(base[k], lo))
+                pair[k] += sign * (pairs.count(query_pair[k], hi) - pairs.count(query_pair[k], lo))
+            # distinct continuations, per pair v of this stream, with T(v) its table count and first_added(v) /
+            # first_own(v) the first position of each kind: v is seen at t iff T(v) > #own at >= t, or it was
+            # added before t. It joins at first_added(v) + 1 when T(v) = 0; it leaves at first_own(v) + 1 when
+            # all its table occurrences are own ones (counting back from the end), unless already added then.
+            groups = _EarlierEqual(pair_keys, pos, end)
+            n_groups, gid = groups.n_groups, groups.group
+            never = torch.full((n_groups,), end, dtype=torch.int64, device=self.device)
+            first_added = never.clone().scatter_reduce_(0, gid[added], pos[added], "amin")
+            first_own = never.clone().scatter_reduce_(0, gid[own], pos[own], "amin")
+            own_count = torch.zeros_like(never).index_add_(0, gid[own], torch.ones_like(pos[own]))
+            table_count = torch.zeros_like(never).scatter_(0, gid, table_pair)
+            if (own_count > table_count).any():
+                raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
+            group_ctx = torch.zeros_like(never).scatter_(0, gid, ctx_keys)
+            fresh = (table_count == 0) & (first_added < end)
+            vanishing = (own_count > 0) & (own_count == table_count)
+            rejoin = vanishing & (first_added < first_own)
+            terms = ((1, fresh, first_added, 0, bound), (-1, vanishing, first_own, bound, later),
+                     (1, rejoin, first_added, 0, bound), (-1, rejoin, first_own, 0, bound))
+            for sign, keep, at, lo, hi in terms:
+                # one entry per pair, put in position order as _EarlierEqual requires
+                by_position = _stable_argsort(at[keep])
+                entries = _EarlierEqual(group_ctx[keep][by_position], at[keep][by_position], end)
+                distinct[k] += sign * (entries.count(base[k], hi) - entries.count(base[k], lo))
         return ExpertCounts(context, pair, distinct)
 
     def _context_bases(self, stream, positions):

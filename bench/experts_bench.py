@@ -33,6 +33,9 @@ import ngram_mixer as nm  # noqa: E402
 ARTIFACTS = Path("/work/artifacts/sample")
 CHUNK = 16384
 FIT_FRACTION = 0.2
+# the weak model's slices: the first 131,072 val tokens (VAL_MAX_TOKENS of configs/sample_cpu.env), in 4 quarters
+WEAK_TOKENS = 131072
+WEAK_SLICES = 4
 
 
 def load_train_gpt():
@@ -42,15 +45,16 @@ def load_train_gpt():
     return train_gpt
 
 
-def neural_per_target(tg, artifact: Path, cache_path: Path) -> dict:
+def neural_per_target(tg, artifact: Path, cache_path: Path, max_tokens: int = 0) -> dict:
     """Per-target neural NLL, entropy and max log-prob, float64 [N-1] each (index t-1 for target t), from the
-    artifact's model with train_gpt's window_schedule / GPT.hidden / GPT.logits as score_span uses them."""
+    artifact's model with train_gpt's window_schedule / GPT.hidden / GPT.logits as score_span uses them, over
+    the first max_tokens val tokens (0 = all)."""
     if cache_path.is_file():
         with np.load(cache_path) as z:
             return {k: z[k] for k in z.files}
     args = tg.Hyperparameters()
     model = tg.model_from_artifact(args, artifact, torch.device("cpu")).eval()
-    tokens = tg.load_validation_tokens(str(devkit.SAMPLE_SHARDS), args.vocab_size, 0)
+    tokens = tg.load_validation_tokens(str(devkit.SAMPLE_SHARDS), args.vocab_size, max_tokens)
     start, lo, hi = tg.window_schedule(1, len(tokens), args.train_seq_len, args.eval_stride)
     out = {k: np.zeros(len(tokens) - 1) for k in ("nll", "entropy", "max_logprob")}
     offsets = torch.arange(args.train_seq_len)
@@ -161,6 +165,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, default=ARTIFACTS / "final_model.sample_base.ptz")
     parser.add_argument("--neural-cache", type=Path, default=ARTIFACTS / "neural_per_target.sample_base.npz")
+    parser.add_argument("--weak-artifact", type=Path, default=ARTIFACTS / "weak" / "final_model.weak45.ptz",
+                        help="a model of 30-60 training steps, scored on the first WEAK_TOKENS val tokens")
+    parser.add_argument("--weak-cache", type=Path, default=ARTIFACTS / "neural_per_target.weak45.npz")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tg = load_train_gpt()
@@ -245,6 +252,29 @@ def main():
         a, b = keys[a], keys[b]
         delta, low, high = paired_interval(doc, results[a], results[b], n_bytes)
         print(f"  {a}\n  - {b}: {delta:+.4f} [{low:+.4f}, {high:+.4f}]")
+
+    print(f"\nweak model ({args.weak_artifact.name}) on the first {WEAK_TOKENS} val tokens, in {WEAK_SLICES} slices: "
+          "BPB per slice (the gate and lambda fitted on the first 20% of these targets)")
+    weak = neural_per_target(tg, args.weak_artifact, args.weak_cache, WEAK_TOKENS)
+    n_weak = WEAK_TOKENS - 1
+    weak_fit = slice(0, int(FIT_FRACTION * n_weak))
+    weak_lp = -weak["nll"]
+    cached_lp = classical_lp[:n_weak]
+
+    def weak_mix(lam):
+        return -np.logaddexp(np.log(lam) + weak_lp, np.log1p(-lam) + cached_lp)
+
+    lam = fit_scalar(lambda x: weak_mix(x)[weak_fit].mean(), 1e-3, 1 - 1e-3)
+    features = np.concatenate([nm.expert_features(rows(every, 7), orders).numpy()[:n_weak],
+                               np.stack([weak["entropy"], weak["max_logprob"]], axis=1)], 1)
+    weak_rows = {"weak neural alone": weak["nll"], "classical cache alone": -cached_lp,
+                 f"fixed lambda={lam:.3f} mixture, classical cache": weak_mix(lam),
+                 "gate over weak neural + experts 1-7": fit_gate(
+                     np.concatenate([weak_lp[:, None], expert_lp[7][:n_weak]], 1), features, weak_fit)}
+    bounds = np.linspace(0, n_weak, WEAK_SLICES + 1).astype(int)
+    for name, nll in weak_rows.items():
+        print(f"  {name:<60} " + " ".join(f"{bits(nll[a:b], n_bytes[a:b]):.4f}"
+                                         for a, b in zip(bounds[:-1], bounds[1:])))
 
     print("\nper order, counting every earlier token: context seen >= 1 / >= 2, pair seen; distinct n-grams of the "
           "whole stream and table bytes (16 per distinct n-gram)")
