@@ -2,6 +2,9 @@
 data lives and how to read a train_gpt.py log. train_gpt.py never imports it: a run needs neither.
 
   from devkit import SAMPLE_SHARDS, SAMPLE_TOKENIZER, parse_log, log_fields
+
+parse_log / parse_text give a RunLog: every field package.py, the benches and the tests read from a log, including
+whether the n-gram mixer ran (RunLog.mixer_ran, from the logged ngram_orders; never re-derived from settings).
 """
 from __future__ import annotations
 
@@ -53,10 +56,50 @@ RE_CODE_BYTES = re.compile(r"^Code size: (\d+) bytes$")
 RE_TOTAL_BYTES = re.compile(r"^Total submission size (\w+): (\d+) bytes$")
 RE_OVER_CAP = re.compile(r"^ARTIFACT_OVER_CAP total:\d+ cap:\d+$")
 RE_ROUNDTRIP = re.compile(rf"^final_\w+_roundtrip val_loss:{NUM} val_bpb:{NUM} eval_time:({NUM})ms$")
-RE_AUDIT = re.compile(rf"^legality_audit positions:(\d+) max_abs_sum_err:({NUM}) max_gold_err:({NUM})$")
+# An audit error can be nan or inf (printed by %.3e as such): it must still parse, to be refused as a failure.
+AUDIT_NUM = rf"{NUM}|nan|inf"
+RE_AUDIT = re.compile(rf"^legality_audit positions:(\d+) max_abs_sum_err:({AUDIT_NUM}) "
+                      rf"max_gold_logp_err:({AUDIT_NUM}) max_future_logp_delta:({AUDIT_NUM})$")
+# The audit line before the causal audit (no future-token check): recognized only to refuse it by name.
+RE_AUDIT_PRE_CAUSAL = re.compile(r"^legality_audit positions:\d+ max_abs_sum_err:\S+ max_gold_err:\S+$")
+RE_TOKENIZER = re.compile(r"^tokenizer path:(.+) vocab_size:(\d+) sha256:([0-9a-f]{64})$")
+RE_VAL_TOKENS = re.compile(r"^val_tokens:(\d+) scored_targets:\d+$")
+RE_SCORED = re.compile(r"^scored_tokens:(\d+) scored_bytes:(\d+)$")
+RE_MODEL_PARAMS = re.compile(r"^model_params:\d+ ngram_orders:\[([\d, ]*)\]$")
 RE_AUDIT_FAILED = re.compile(r"^LEGALITY_AUDIT_FAILED")
 RE_EVAL_TOTAL = re.compile(rf"^eval_time (?:\w+:{NUM}ms )*total:({NUM})ms$")
 RE_EXACT = re.compile(rf"^(final_ngram_ttt_exact|final_\w+_roundtrip_exact) val_loss:({NUM}) val_bpb:({NUM})$")
+
+
+# train_gpt.py's pass/fail thresholds for the audit (it logs LEGALITY_AUDIT_FAILED and exits beyond them).
+AUDIT_TOLERANCES = dict(max_abs_sum_err=1e-4, max_gold_logp_err=1e-5, max_future_logp_delta=1e-5)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The legality_audit line: at `positions` sampled targets the full mixed distribution was rebuilt from the
+    state that scored them; each error is the worst over those targets."""
+    positions: int
+    # |sum over the vocabulary - 1|
+    max_abs_sum_err: float
+    # |log p(gold) rebuilt - log p(gold) scored|
+    max_gold_logp_err: float
+    # largest change of a scored log-probability when the tokens after its target change (causality)
+    max_future_logp_delta: float
+
+    def failures(self) -> list[str]:
+        """Each way this audit misses the thresholds, as text; empty when it passes. A nan error fails."""
+        found = [] if self.positions > 0 else [f"positions:{self.positions} (no target audited)"]
+        return found + [f"{name}:{getattr(self, name):.3e} > {tolerance:g}"
+                        for name, tolerance in AUDIT_TOLERANCES.items() if not getattr(self, name) <= tolerance]
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """The tokenizer line: the sentencepiece model a run loaded, with the sha256 of its file."""
+    path: str
+    vocab_size: int
+    sha256: str
 
 
 @dataclass
@@ -68,6 +111,14 @@ class RunLog:
     hardware: str | None = None
     world_size: int | None = None
     code_sha256: str | None = None
+    tokenizer: Tokenizer | None = None
+    # The n-gram orders the model mixes (model_params line); () when the mixer is off, None when not logged.
+    ngram_orders: tuple[int, ...] | None = None
+    # Tokens of the val stream the run loaded (val_tokens line) and the targets and bytes its final pass scored
+    # (scored_tokens line, logged by the n-gram/TTT pass).
+    val_tokens: int | None = None
+    scored_tokens: int | None = None
+    scored_bytes: int | None = None
     steps: int | None = None
     step_avg_ms: float | None = None
     # train_time of the last step line; it includes the n-gram prefill.
@@ -81,8 +132,9 @@ class RunLog:
     over_cap: bool = False
     # eval_time total (roundtrip + n-gram/TTT pass), else the roundtrip's eval_time.
     eval_time_ms: float | None = None
-    # (positions, max_abs_sum_err, max_gold_err)
-    audit: tuple[int, float, float] | None = None
+    audit: Audit | None = None
+    # A legality_audit line in the format before the causal audit (no max_future_logp_delta field).
+    audit_pre_causal: bool = False
     audit_failed: bool = False
     # The score's exact line: final_ngram_ttt_exact when that pass ran, else final_<quant>_roundtrip_exact.
     final_line: str | None = None
@@ -95,12 +147,12 @@ class RunLog:
 
     @property
     def mixer_ran(self) -> bool:
-        # Mirrors train_gpt.ngram_orders(): orders 2..NGRAM_MAX_ORDER when NGRAM=1.
-        return self.hparams.get("ngram") == "True" and int(self.hparams.get("ngram_max_order", 2)) >= 2
+        """Whether the n-gram mixer was on, as the trainer logged it (model_params ... ngram_orders:[...])."""
+        return bool(self.ngram_orders)
 
     @property
     def expects_ngram_ttt(self) -> bool:
-        return self.hparams.get("ngram") == "True" or self.hparams.get("ttt") == "True"
+        return self.mixer_ran or self.hparams.get("ttt") == "True"
 
 
 def parse_text(text: str, path: Path) -> RunLog:
@@ -130,7 +182,15 @@ def parse_text(text: str, path: Path) -> RunLog:
         elif m := RE_CODE_BYTES.match(line):
             run.bytes_code = int(m[1])
         elif m := RE_AUDIT.match(line):
-            run.audit = (int(m[1]), float(m[2]), float(m[3]))
+            run.audit = Audit(int(m[1]), float(m[2]), float(m[3]), float(m[4]))
+        elif m := RE_TOKENIZER.match(line):
+            run.tokenizer = Tokenizer(m[1], int(m[2]), m[3])
+        elif m := RE_VAL_TOKENS.match(line):
+            run.val_tokens = int(m[1])
+        elif m := RE_SCORED.match(line):
+            run.scored_tokens, run.scored_bytes = int(m[1]), int(m[2])
+        elif m := RE_MODEL_PARAMS.match(line):
+            run.ngram_orders = tuple(int(order) for order in m[1].split(",") if order.strip())
         elif m := RE_CODE_SHA.match(line):
             run.code_sha256 = m[1]
         elif m := RE_RUN_ID.match(line):
@@ -143,6 +203,7 @@ def parse_text(text: str, path: Path) -> RunLog:
             run.stopped_early |= bool(RE_STOPPED.match(line))
             run.over_cap |= bool(RE_OVER_CAP.match(line))
             run.audit_failed |= bool(RE_AUDIT_FAILED.match(line))
+            run.audit_pre_causal |= bool(RE_AUDIT_PRE_CAUSAL.match(line))
     # The score is the n-gram/TTT pass whenever it ran; falling back to the roundtrip line for a run that died in
     # that pass would report a score the submission does not have.
     if run.expects_ngram_ttt or "final_ngram_ttt_exact" in exact:
@@ -155,7 +216,6 @@ def parse_text(text: str, path: Path) -> RunLog:
 
 def parse_log(path: str | Path) -> RunLog:
     return parse_text(Path(path).read_text(encoding="utf-8"), Path(path))
-
 
 
 def log_fields(text: str, prefix: str) -> dict[str, float]:

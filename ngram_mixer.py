@@ -19,7 +19,7 @@ Normalization. Per order n the table is ONE sorted array of distinct pair keys c
 exact) and a running count array cum, with count(pair_keys[i]) = cum[i+1] - cum[i]. The pairs of one context fill
 the key range [ctx_key*V, ctx_key*V + V), so its context count is read as cum[hi] - cum[lo] over that range: it IS
 the sum of its pair counts, and sum_v c(ctx, v) / c(ctx) = 1 by construction. There is no separate context table
-that could disagree (PR #834 kept one; its scores sum to hundreds over the vocabulary, see BucketedTables).
+that could disagree (PR #834 kept one; its scores sum to hundreds over the vocabulary, see bench/pr834_tables.py).
 
 Keys. b = ceil(log2 V). If n*b <= 63 the context key packs the n-1 ids exactly (base V, oldest id most
 significant), so a pair key is the base-V number of the n-gram. Otherwise the ids are packed into words of
@@ -272,9 +272,11 @@ class NgramTables:
         # orders whose context keys are hashed; the others pack the context exactly
         self.hashed_orders = tuple(n for n in orders if n * _bits(vocab_size) > 63)
         self._key_range = {n: 2**63 if n in self.hashed_orders else vocab_size**n for n in orders}
+        # tokens extended so far, and the last max_order-1 of them (the next extend's contexts; the evaluation
+        # checks them against the val stream before scoring)
         self.num_tokens = 0
-        self._tail = torch.zeros(0, dtype=torch.int64, device=self.device)
-        empty = [self._tail] * len(orders)
+        self.tail = torch.zeros(0, dtype=torch.int64, device=self.device)
+        empty = [self.tail] * len(orders)
         self._store(empty, empty)
 
     def _store(self, keys, counts):
@@ -297,14 +299,14 @@ class NgramTables:
         if tokens.numel() == 0:
             return
         # left-pad the kept tail to max_order-1 ids so that every context column is a slice (no gather)
-        pad = self.max_order - 1 - self._tail.numel()
-        stream = torch.cat([self._tail.new_zeros(pad), self._tail, tokens])
+        pad = self.max_order - 1 - self.tail.numel()
+        stream = torch.cat([self.tail.new_zeros(pad), self.tail, tokens])
         start, end = self.max_order - 1, stream.numel()
         columns = (stream[start - j:end - j] for j in range(1, self.max_order))
         keys, counts = [], []
         for n, ctx in zip(self.orders, _context_keys(columns, self.vocab_size, self.orders)):
             # only n-grams that start at or after the first token ever seen (not in the padding)
-            first = max(0, n - 1 - self._tail.numel())
+            first = max(0, n - 1 - self.tail.numel())
             pair_keys = torch.add(tokens[first:], ctx[first:], alpha=self.vocab_size)
             new_keys, new_counts = _unique_counts(pair_keys, self._key_range[n])
             # counts live only as running sums; the merge works on plain counts and _store re-sums them
@@ -313,21 +315,24 @@ class NgramTables:
             keys.append(merged[0])
             counts.append(merged[1])
         self._store(keys, counts)
-        self._tail = stream[-(self.max_order - 1):].clone()
+        # the kept tail holds real tokens only: padding kept here would be counted as context by the next extend
+        self.tail = stream[pad:][-(self.max_order - 1):].clone()
         self.num_tokens += tokens.numel()
 
-    def lookup(self, stream: torch.Tensor, positions: torch.Tensor, exclude_self=False):
+    def lookup(self, stream: torch.Tensor, positions: torch.Tensor, targets=None, exclude_self=False):
         """Counts of every order at every position.
 
         stream: [L] int, ids in [0, V); positions: [P] int in [0, L). For order n (row k) and t = positions[p]:
-        context = stream[t-n+1:t], token = stream[t]; t < n-1 gives (0, 0). exclude_self: bool, or bool tensor
+        context = stream[t-n+1:t], token = stream[t]; t < n-1 gives (0, 0). targets: optional [P] int, ids in
+        [0, V), the tokens to count instead of stream[positions]; then positions may equal L, so a stream that
+        ends right before t can be asked about every candidate token at t (the legality audit). exclude_self: bool, or bool tensor
         broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is subtracted from both
         counts (leave-one-out, for streams extended into the table); ValueError if it is not in the table.
         Returns (context_count, pair_count), int64 [K, P], context_count = sum over tokens of pair_count.
         """
         stream = _as_ids(stream, "stream", self.vocab_size, self.device)
-        positions = _as_ids(positions, "positions", stream.numel(), self.device)
-        ctx, pair, _, valid = self._table_counts(stream, positions, stream[positions])
+        positions = _as_ids(positions, "positions", stream.numel() + (targets is not None), self.device)
+        ctx, pair, _, valid = self._table_counts(stream, positions, self._targets(stream, positions, targets))
         if exclude_self is False:
             return ctx, pair
         drop = torch.as_tensor(exclude_self, dtype=torch.bool, device=self.device)
@@ -365,13 +370,7 @@ class NgramTables:
         """
         stream = _as_ids(stream, "stream", self.vocab_size, self.device)
         positions = _as_ids(positions, "positions", stream.numel() + (targets is not None), self.device)
-        if targets is None:
-            targets = stream[positions]
-        else:
-            targets = _as_ids(targets, "targets", self.vocab_size, self.device)
-            if targets.shape != positions.shape:
-                raise ValueError(f"targets must have the shape of positions {tuple(positions.shape)}, "
-                                 f"got {tuple(targets.shape)}")
+        targets = self._targets(stream, positions, targets)
         base = self._context_bases(stream, positions)
         context, pair, distinct, valid = self._table_counts(stream, positions, targets, base)
         if in_table is None:
@@ -432,6 +431,15 @@ class NgramTables:
                 distinct[k] += sign * (entries.count(base[k], hi) - entries.count(base[k], lo))
         return ExpertCounts(context, pair, distinct)
 
+    def _targets(self, stream, positions, targets):
+        # the token counted at each position: stream[positions], or the checked explicit targets [P]
+        if targets is None:
+            return stream[positions]
+        targets = _as_ids(targets, "targets", self.vocab_size, self.device)
+        if targets.shape != positions.shape:
+            raise ValueError(f"targets has shape {tuple(targets.shape)}, positions {tuple(positions.shape)}")
+        return targets
+
     def _context_bases(self, stream, positions):
         # context key * V, int64 [K, P], of the context right before each position (positions may equal L)
         return torch.stack(list(_context_keys(_columns(stream, positions, self.max_order), self.vocab_size,
@@ -475,12 +483,6 @@ class NgramTables:
             distinct[k, perm] = hi - lo
         return ctx, pair, distinct
 
-    def probs(self, stream: torch.Tensor, positions: torch.Tensor, exclude_self=False) -> torch.Tensor:
-        """pair_count / context_count as float32 [K, P], 0 where the context count is 0 (arguments as lookup)."""
-        ctx, pair = self.lookup(stream, positions, exclude_self)
-        # divide in float64 so that the float32 result is the correctly rounded ratio
-        return torch.where(ctx > 0, pair.double() / ctx.clamp(min=1).double(), 0.0).float()
-
     def distribution(self, context: torch.Tensor) -> torch.Tensor:
         """Next-token distributions after context ([L] int, ids in [0, V)), float64 [K, V]. Row k uses the last
         n-1 ids for order n; it is all zeros if L < n-1 or that context was never seen, else it sums to 1."""
@@ -503,7 +505,7 @@ class NgramTables:
 
     def nbytes(self) -> int:
         """Bytes held by the tables (keys, running counts, offsets, stream tail)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.cum, self.key_offsets, self._tail))
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.cum, self.key_offsets, self.tail))
 
 
 if triton is not None:
@@ -640,102 +642,18 @@ def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neura
     return torch.cat([w0, w[:, 1:] * scale], dim=1)
 
 
-def mixture_logprob(neural_logits, targets, expert_probs, expert_valid, gate_logits, neural_floor: float):
+def mixture_logprob(neural_logprob, expert_probs, expert_valid, weights):
     """log p(target) of the mixture, float32 [P].
 
-    neural_logits: [P, V] float; targets: [P] int64; expert_probs: [K, P] float, p_k(target) in [0, 1] (ignored
-    where invalid); expert_valid: [K, P] bool (a valid expert's distribution must sum to 1);
-    gate_logits: [P, 1+K] float; neural_floor: float in [0, 1]. Gradients reach neural_logits and gate_logits.
+    neural_logprob: [P] float, the neural model's log-probability of each target (from a log_softmax over the
+    full vocabulary); expert_probs: [K, P] float, p_k(target) in [0, 1] (ignored where invalid); expert_valid:
+    [K, P] bool (a valid expert's distribution must sum to 1); weights: [P, 1+K] from mixture_weights().
+    Gradients reach neural_logprob and weights.
     """
-    neural = torch.log_softmax(neural_logits.float(), dim=1).gather(1, targets[:, None])[:, 0]
-    return mixture_logprob_from_neural(neural, expert_probs, expert_valid, gate_logits, neural_floor)
-
-
-def mixture_logprob_from_neural(neural_logprob, expert_probs, expert_valid, gate_logits, neural_floor: float):
-    """mixture_logprob given the neural model's log-probability of each target, neural_logprob [P] float (from a
-    log_softmax over the full vocabulary), for callers that already computed it for their own cross-entropy."""
-    w = mixture_weights(gate_logits, expert_valid, neural_floor)
     # the neural term stays in log space: softmax(neural)[y] can underflow float32 where its log cannot;
     # w0 is >= neural_floor, and the clamp only keeps log() finite when the floor is 0 and w0 underflows
-    neural = neural_logprob.float() + torch.log(w[:, 0].clamp(min=torch.finfo(torch.float32).tiny))
-    experts = (w[:, 1:] * torch.where(expert_valid, expert_probs.float(), 0.0).T).sum(dim=1)
+    neural = neural_logprob.float() + torch.log(weights[:, 0].float().clamp(min=torch.finfo(torch.float32).tiny))
+    experts = (weights[:, 1:].float() * torch.where(expert_valid, expert_probs.float(), 0.0).T).sum(dim=1)
     some = experts > 0
     log_experts = torch.where(some, torch.log(torch.where(some, experts, 1.0)), float("-inf"))
     return torch.logaddexp(neural, log_experts)
-
-
-def mixture_distribution(neural_logits, expert_dists, expert_valid, gate_logits, neural_floor: float):
-    """The full mixture distribution, float64 [P, V], for audits (same weights as mixture_logprob).
-
-    neural_logits: [P, V] float; expert_dists: [K, P, V] float, rows summing to 1 (ignored where invalid); expert_valid:
-    [K, P] bool; gate_logits: [P, 1+K] float; neural_floor: float in [0, 1].
-    """
-    # float64, so that the audit's sum-to-1 check measures the mixture rather than rounding
-    w = mixture_weights(gate_logits.double(), expert_valid, neural_floor)
-    neural = torch.softmax(neural_logits.double(), dim=1)
-    experts = torch.where(expert_valid[..., None], expert_dists.double(), 0.0)
-    return w[:, :1] * neural + torch.einsum("pk,kpv->pv", w[:, 1:], experts)
-
-
-class BucketedTables:
-    """The INVALID scheme of PR #834, reproduced for contrast only: never score with it.
-
-    Same interface as NgramTables (extend / lookup / distribution), so the real evaluation can run it and its
-    legality audit can reject it. Per order, two separate tables of `buckets` counters, ctx[hash(context) mod B]
-    and pair[hash(context, token) mod B], and the score of token v after a context is min(pair, ctx) / ctx.
-    A pair bucket mixes unrelated (context, token) pairs and nothing ties it to its context bucket, so summed over
-    the vocabulary these scores reach far above 1: they are not a distribution and their "BPB" measures nothing.
-    """
-
-    def __init__(self, vocab_size: int, orders=(2, 3, 4, 5, 6, 7), buckets: int = 1 << 20, device=None):
-        if buckets < 1 or buckets & (buckets - 1):
-            raise ValueError(f"buckets must be a power of two, got {buckets}")
-        self.vocab_size, self.orders, self.max_order, self.mask = vocab_size, tuple(orders), max(orders), buckets - 1
-        self.device = torch.device("cpu" if device is None else device)
-        self.ctx_table = torch.zeros(len(self.orders), buckets, dtype=torch.int64, device=self.device)
-        self.pair_table = torch.zeros_like(self.ctx_table)
-        self._tail = torch.zeros(0, dtype=torch.int64, device=self.device)
-
-    def _bucket_counts(self, stream, positions, candidates):
-        # ctx and pair bucket counts [K, P] (candidates [P]) or [K, P, C] (candidates [P, C]) at the positions
-        contexts = _context_keys(_columns(stream, positions, self.max_order), self.vocab_size, self.orders)
-        ctx, pair = [], []
-        for k, key in enumerate(contexts):
-            ctx.append(self.ctx_table[k][_mix64(key) & self.mask])
-            pair_key = (key[:, None] if candidates.dim() == 2 else key) * self.vocab_size + candidates
-            pair.append(self.pair_table[k][_mix64(pair_key) & self.mask])
-        return torch.stack(ctx), torch.stack(pair)
-
-    def extend(self, tokens: torch.Tensor) -> None:
-        """Count every n-gram ending inside tokens ([N] int) into both bucket tables."""
-        tokens = _as_ids(tokens, "tokens", self.vocab_size, self.device)
-        stream = torch.cat([self._tail, tokens])
-        positions = torch.arange(self._tail.numel(), stream.numel(), device=self.device)
-        contexts = _context_keys(_columns(stream, positions, self.max_order), self.vocab_size, self.orders)
-        for k, (n, key) in enumerate(zip(self.orders, contexts)):
-            counted = positions >= n - 1
-            key = key[counted]
-            self.ctx_table[k] += torch.bincount(_mix64(key) & self.mask, minlength=self.mask + 1)
-            pair_key = key * self.vocab_size + stream[positions[counted]]
-            self.pair_table[k] += torch.bincount(_mix64(pair_key) & self.mask, minlength=self.mask + 1)
-        self._tail = stream[-(self.max_order - 1):].clone()
-
-    def lookup(self, stream: torch.Tensor, positions: torch.Tensor, exclude_self=False):
-        """(ctx bucket count, min(pair, ctx) bucket count), int64 [K, P]: "pair / context" is PR #834's score."""
-        if exclude_self is not False:
-            raise ValueError("BucketedTables only reproduces the evaluation cache; it has no leave-one-out")
-        stream = _as_ids(stream, "stream", self.vocab_size, self.device)
-        positions = _as_ids(positions, "positions", stream.numel(), self.device)
-        ctx, pair = self._bucket_counts(stream, positions, stream[positions])
-        seen = positions >= torch.tensor(self.orders, device=self.device)[:, None] - 1
-        return ctx * seen, torch.minimum(pair, ctx) * seen
-
-    def distribution(self, context: torch.Tensor) -> torch.Tensor:
-        """The scores of every token after context, float64 [K, V]; rows sum far above 1 (that is the point)."""
-        context = _as_ids(context, "context", self.vocab_size, self.device)
-        stream = torch.cat([context, context.new_zeros(1)])
-        position = torch.tensor([context.numel()], device=self.device)
-        ctx, pair = self._bucket_counts(stream, position, torch.arange(self.vocab_size, device=self.device)[None])
-        ctx, pair = ctx[:, 0, None].double(), pair[:, 0].double()
-        seen = context.numel() >= torch.tensor(self.orders, device=self.device)[:, None] - 1
-        return torch.where(seen & (ctx > 0), torch.minimum(pair, ctx) / ctx.clamp(min=1), 0.0)

@@ -2,7 +2,7 @@
 # run.sh: train once per seed, then package the logs as a record folder (records/package.py).
 #
 #   RECORD_NAME=NgramMixer AUTHOR="Jane Doe" GITHUB_ID=janedoe BLURB="Exact n-gram mixer + TTT" \
-#       PACKAGE_ARGS="--sota-val-loss 1.9200" bash run.sh                        # 3 seeds on 8xH100
+#       PACKAGE_ARGS="--sota-val-bpb 1.0856" bash run.sh                         # 3 seeds on 8xH100
 #   SEEDS="1337" RECORD_NAME=Try1 AUTHOR=me PACKAGE_ARGS=--non-record bash run.sh  # one seed, non-record track
 #   set -a; . configs/sample_cpu.env; set +a
 #   NPROC=1 SEEDS="1 2" RECORD_NAME=CpuDemo AUTHOR=me PACKAGE_ARGS=--non-record bash run.sh   # CPU demo
@@ -10,8 +10,9 @@
 # Every other environment variable reaches train_gpt.py unchanged (its Hyperparameters). Each seed runs with
 # SEED=<seed> RUN_ID=${RUN_NAME}_seed<seed>, so its log is logs/<RUN_ID>.txt under the current directory (run from
 # the repo root). The first failed seed stops the script with that seed's exit code and nothing is packaged.
-# PACKAGE_ARGS is split on spaces and passed to records/package.py (--sota-val-loss X, --non-record,
-# --out-root DIR, --date YYYY-MM-DD).
+# PACKAGE_ARGS is split on spaces and passed to records/package.py (--sota-val-bpb X: the current record's val_bpb,
+# required for the record track; --non-record; --out-root DIR; --date YYYY-MM-DD). The record track needs >= 3
+# seeds on 8xH100 with VAL_MAX_TOKENS=0; anything else needs --non-record.
 set -euo pipefail
 
 SEEDS=${SEEDS:-"1337 42 2025"}

@@ -9,7 +9,6 @@ np.searchsorted), whose arrays and counts must equal ours. With --device cuda al
 Triton kernel and the torch path (median of triton.testing.do_bench), which must agree exactly.
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,14 +19,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ngram_mixer as nm  # noqa: E402
+from devkit import SAMPLE_VAL_SHARD  # noqa: E402
 
-DATA = Path(os.environ.get("SAMPLE_DATA_DIR", REPO.parent / "shared" / "data"))
-VAL_SHARD = DATA / "datasets" / "fineweb_sp1024_sample" / "fineweb_val_000000.bin"
 VOCAB, ORDERS = 1024, (2, 3, 4, 5, 6, 7)
 
 
 def load_tokens(n):
-    raw = np.fromfile(VAL_SHARD, dtype="<u2", offset=256 * 4).astype(np.int64)
+    raw = np.fromfile(SAMPLE_VAL_SHARD, dtype="<u2", offset=256 * 4).astype(np.int64)
     return np.tile(raw, -(-n // raw.size))[:n]
 
 

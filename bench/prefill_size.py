@@ -13,7 +13,6 @@ and reports the P/N whose profile is closest to the eval cache's for each.
   python bench/prefill_size.py [--chunk 32768] [--min-count 2]
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from devkit import SAMPLE_VAL_SHARD  # noqa: E402
 from ngram_mixer import NgramTables  # noqa: E402
 
 ORDERS = (2, 3, 4, 5, 6, 7)
@@ -36,9 +36,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=32768)
     parser.add_argument("--min-count", type=int, default=2)
     args = parser.parse_args()
-    data = Path(os.environ.get("SAMPLE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    shard = data / "datasets" / "fineweb_sp1024_sample" / "fineweb_val_000000.bin"
-    stream = torch.from_numpy(np.fromfile(shard, dtype="<u2", offset=1024).astype(np.int64))
+    stream = torch.from_numpy(np.fromfile(SAMPLE_VAL_SHARD, dtype="<u2", offset=1024).astype(np.int64))
     n = stream.numel()
 
     cache, weighted = NgramTables(1024, ORDERS), np.zeros(len(ORDERS))

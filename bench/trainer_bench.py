@@ -15,12 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sample_results import REPO, read_env_file  # bench/ is on sys.path when run as a script
-
-
-def last_value(log: str, prefix: str, key: str) -> str:
-    line = [ln for ln in log.splitlines() if ln.startswith(prefix)][-1]
-    return next(f for f in line.split() if f.startswith(key + ":")).split(":", 1)[1]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from devkit import SAMPLE_SHARDS, SAMPLE_TOKENIZER, parse_log, read_env_file  # noqa: E402
 
 
 def main():
@@ -29,9 +26,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="train steps (default: 200 on GPU, 30 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per setting (default: 1 on GPU, 2 on CPU)")
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("SAMPLE_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
-    sample = dict(DATA_PATH=str(data_dir / "datasets" / "fineweb_sp1024_sample"),
-                  TOKENIZER_PATH=str(data_dir / "tokenizers" / "fineweb_1024_bpe.model"))
+    sample = dict(DATA_PATH=str(SAMPLE_SHARDS), TOKENIZER_PATH=str(SAMPLE_TOKENIZER))
     if args.gpu:
         steps, repeats = args.steps or 200, args.repeats or 1
         base = dict(sample, WARMDOWN_ITERS="0", WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="20",
@@ -40,7 +35,7 @@ def main():
                     "plain": dict(NGRAM="0", TTT="0", ITERATIONS=str(steps // 2), VAL_MAX_TOKENS="131072")}
     else:
         steps, repeats = args.steps or 30, args.repeats or 2
-        base = dict(read_env_file(REPO / "configs" / "sample_cpu.env", data_dir), ITERATIONS=str(steps),
+        base = dict(read_env_file(REPO / "configs" / "sample_cpu.env"), ITERATIONS=str(steps),
                     VAL_LOSS_EVERY="0", VAL_MAX_TOKENS="16384", TTT="0")
         settings = {"ngram": dict(NGRAM="1"), "plain": dict(NGRAM="0")}
     workdir = Path(tempfile.mkdtemp(prefix="trainer_bench_"))
@@ -51,8 +46,9 @@ def main():
             env = dict(os.environ, **base, **overrides, RUN_ID=run_id, PYTHONUNBUFFERED="1")
             subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=env, check=True,
                            stdout=subprocess.DEVNULL)
-            log = (workdir / "logs" / f"{run_id}.txt").read_text()
-            step_avg[name].append(float(last_value(log, "step:", "step_avg").removesuffix("ms")))
+            log_path = workdir / "logs" / f"{run_id}.txt"
+            step_avg[name].append(parse_log(log_path).step_avg_ms)
+            log = log_path.read_text()
             keep = ("step:", "ngram_prefill", "peak", "Total", "final_", "legality", "eval_time", "scored")
             print(f"== {run_id}\n" + "\n".join(ln for ln in log.splitlines() if ln.startswith(keep)), flush=True)
     tokens_per_step = int(base.get("TRAIN_BATCH_TOKENS", 524_288))

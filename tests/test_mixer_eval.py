@@ -2,17 +2,26 @@
 
 Run:  python -m pytest -q tests/test_mixer_eval.py
 """
+import math
+import sys
 from collections import Counter
+
+import numpy as np
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import log_value, run_trainer
-from ngram_mixer import BucketedTables, NgramTables, mixture_logprob
+from conftest import REPO_ROOT, log_value, run_trainer
+from ngram_mixer import ExpertCounts, NgramTables, mixture_logprob, mixture_weights
 from test_train_gpt import make_setup, tiny_model
 
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+from pr834_tables import BucketedTables  # noqa: E402
+
 ORDERS = (2, 3, 4, 5, 6, 7)
+# the production tables: the unigram base of the smoothed experts, then the experts' orders
+TABLE_ORDERS = (1,) + ORDERS
 
 
 def mixer_model(seed=0):
@@ -21,62 +30,77 @@ def mixer_model(seed=0):
     with torch.no_grad():
         model.gate.weight.normal_(0, 0.5)
         model.gate.bias.copy_(torch.tensor([0.5] + [0.0] * len(ORDERS)))
+        model.gate_features.weight.normal_(0, 0.2)
     return model
 
 
-def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=1, cache_orders=ORDERS):
+def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=1, cache_orders=TABLE_ORDERS):
     model = mixer_model()
     model.load_state_dict(state)
     setup = make_setup(model, tokens, seq_len, stride)
     setup.min_count = min_count
     cache = NgramTables(1024, cache_orders) if cache_orders else None
-    return tg.eval_ngram_ttt(setup, bounds, cache, ttt_epochs, ttt_lr=0.05, ttt_momentum=0.9,
-                             return_per_target=True)
+    record = tg.TargetRecord(len(tokens) - 1, 1 + len(ORDERS), tokens.device)
+    return tg.eval_ngram_ttt(setup, bounds, cache, tg.TTTConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0),
+                             record=record)
 
 
 def test_eval_is_causal_with_cache_and_ttt(sample_val_tokens):
     tokens = sample_val_tokens[:641].clone()
     state = mixer_model().state_dict()
     bounds = tg.chunk_bounds(len(tokens), 64)
-    base = run_eval(tokens, state, bounds, ttt_epochs=1).per_target_nll
-    assert not torch.equal(base, run_eval(tokens, state, bounds, ttt_epochs=0).per_target_nll)  # TTT acts
+    base = run_eval(tokens, state, bounds, ttt_epochs=1).record.nll
+    assert not torch.equal(base, run_eval(tokens, state, bounds, ttt_epochs=0).record.nll)  # TTT acts
     for t, k in ((200, 1), (200, 45), (300, 200), (639, 1)):
         changed = tokens.clone()
         changed[t + k] = (changed[t + k] + 17) % 1024
-        nll = run_eval(changed, state, bounds, ttt_epochs=1).per_target_nll
+        nll = run_eval(changed, state, bounds, ttt_epochs=1).record.nll
         # Targets 1..t sit at [0, t): none of them may move; the changed target itself must.
         assert torch.equal(nll[:t], base[:t]), f"position <= {t} changed when token {t + k} changed"
         assert nll[t + k - 1] != base[t + k - 1]
 
 
-def reference_cache_scores(model, tokens, bounds, seq_len, min_count):
-    """Token by token: target t is scored from the model on its last seq_len tokens and from Counter tables of
-    every n-gram that ends before t's chunk starts."""
-    pair_count, context_count = Counter(), Counter()
+def reference_cache_scores(model, tokens, seq_len, min_count, discount):
+    """Token by token, a classical cache: target t is scored from the model on its last seq_len tokens and from
+    Counter tables of every n-gram that ends before t (whatever the chunking), interpolated absolute discounting
+    written out here, and the gate reading h and the count features."""
+    pair_count, context_count, followers = Counter(), Counter(), {}
     ids = tokens.tolist()
     out = torch.zeros(len(ids) - 1, dtype=torch.float64)
-    cached_until = 0
-    for first, end in zip(bounds[:-1], bounds[1:]):
-        for t in range(first, end):
-            with torch.no_grad():
-                h = model.hidden(tokens[None, max(0, t - seq_len):t])[0, -1:]
-            probs, valid = torch.zeros(len(ORDERS), 1), torch.zeros(len(ORDERS), 1, dtype=torch.bool)
-            for k, n in enumerate(ORDERS):
-                if t >= n - 1:
-                    context = tuple(ids[t - n + 1:t])
-                    c = context_count[context]
-                    valid[k, 0] = c >= min_count
-                    probs[k, 0] = pair_count[context + (ids[t],)] / c if c >= min_count else 0.0
-            lp = mixture_logprob(model.logits(h), tokens[t:t + 1], probs, valid, model.gate_logits(h),
-                                 model.neural_floor)
-            out[t - 1] = -lp.item()
-        for pos in range(cached_until, end):
-            for n in ORDERS:
-                if pos >= n - 1:
-                    context_count[tuple(ids[pos - n + 1:pos])] += 1
-                    pair_count[tuple(ids[pos - n + 1:pos + 1])] += 1
-        cached_until = end
+    for t in range(len(ids)):
+        # token 0 is never a target, but its unigram counts for the targets after it
+        if t > 0:
+            out[t - 1] = score_reference_target(model, tokens, t, seq_len, min_count, discount, pair_count,
+                                                context_count, followers)
+        for n in TABLE_ORDERS:
+            if t >= n - 1:
+                context_count[tuple(ids[t - n + 1:t])] += 1
+                pair_count[tuple(ids[t - n + 1:t + 1])] += 1
+                followers.setdefault(tuple(ids[t - n + 1:t]), set()).add(ids[t])
     return out
+
+
+def score_reference_target(model, tokens, t, seq_len, min_count, discount, pair_count, context_count, followers):
+    """-log p(tokens[t]) of the full system from the Counter tables of the n-grams that end before t."""
+    ids = tokens.tolist()
+    with torch.no_grad():
+        h = model.hidden(tokens[None, max(0, t - seq_len):t])[0, -1:]
+    counts = torch.zeros(3, len(TABLE_ORDERS), 1, dtype=torch.int64)
+    lower, probs = 1.0 / 1024, torch.zeros(len(TABLE_ORDERS), 1, dtype=torch.float64)
+    for k, n in enumerate(TABLE_ORDERS):
+        if t >= n - 1:
+            context = tuple(ids[t - n + 1:t])
+            c, u = context_count[context], len(followers.get(context, ()))
+            counts[:, k, 0] = torch.tensor([c, pair_count[context + (ids[t],)], u])
+            if c > 0:
+                lower = (max(int(counts[1, k, 0]) - discount, 0) + discount * u * lower) / c
+        probs[k, 0] = lower
+    experts = ExpertCounts(*(counts[:, 1:]))
+    valid = experts.context >= min_count
+    features = tg.expert_features(experts, ORDERS)
+    neural = model.logits(h).log_softmax(-1)[:, ids[t]]
+    weights = mixture_weights(model.gate_logits(h, features), valid, model.neural_floor)
+    return -mixture_logprob(neural, probs[1:].float(), valid, weights).item()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -90,10 +114,11 @@ def test_chunked_cache_scores_equal_token_by_token_reference(sample_val_tokens, 
     state = mixer_model().state_dict()
     for min_count in (1, 2):
         # stride 1 gives every target exactly its last seq_len tokens, whatever the chunking.
-        got = run_eval(tokens, state, bounds, ttt_epochs=0, stride=1, min_count=min_count).per_target_nll
+        got = run_eval(tokens, state, bounds, ttt_epochs=0, stride=1, min_count=min_count).record.nll
         model = mixer_model()
         model.load_state_dict(state)
-        expected = reference_cache_scores(model.eval(), tokens, bounds, seq_len=32, min_count=min_count)
+        expected = reference_cache_scores(model.eval(), tokens, seq_len=32, min_count=min_count,
+                                          discount=tg.EvalSetup.ngram_discount)
         assert torch.allclose(got, expected, atol=2e-5, rtol=0), (got - expected).abs().max()
 
 
@@ -109,47 +134,52 @@ def test_cache_lowers_loss_on_repetitive_text(sample_val_tokens):
 
 
 class InflatedTables(NgramTables):
-    """A cache that claims every looked-up token was always seen after its context (p = 1 for the gold token,
-    the PR #834 failure mode); its full distributions remain the honest ones."""
+    """A cache that claims every looked-up token was always seen after its context (p ~ 1 for any target, the
+    PR #834 failure mode)."""
 
-    def lookup(self, stream, positions, exclude_self=False):
-        context_count, _ = super().lookup(stream, positions, exclude_self)
-        return context_count, context_count.clone()
+    def counts(self, *args, **kwargs):
+        counts = super().counts(*args, **kwargs)
+        return ExpertCounts(counts.context, counts.context.clone(), counts.distinct)
 
 
 def test_audit_catches_scores_that_are_not_distributions(sample_val_tokens):
     tokens = sample_val_tokens[:1025]
     state = mixer_model().state_dict()
     bounds = tg.chunk_bounds(len(tokens), 128)
-    audit = torch.arange(200, 1024, 7)
+    audit_positions = torch.arange(200, 1024, 7)
 
     def audited(cache):
         model = mixer_model()
         model.load_state_dict(state)
         setup = make_setup(model, tokens, 32, 8)
         setup.min_count = 1
-        return tg.eval_ngram_ttt(setup, bounds, cache, 0, 0.0, 0.0, audit_positions=audit)
+        audit = tg.LegalityAudit(audit_positions, seed=0)
+        return tg.eval_ngram_ttt(setup, bounds, cache, tg.TTTConfig(), audit)
 
-    honest = audited(NgramTables(1024, ORDERS))
-    inflated = audited(InflatedTables(1024, ORDERS))
+    honest = audited(NgramTables(1024, TABLE_ORDERS))
+    inflated = audited(InflatedTables(1024, TABLE_ORDERS))
     bucketed = audited(BucketedTables(1024, ORDERS, buckets=1 << 12))
-    assert honest.audit_positions == len(audit) == inflated.audit_positions == bucketed.audit_positions
-    assert honest.audit_sum_err < 1e-12 and honest.audit_gold_err < 1e-6
-    # a score that is not its distribution's value, and a "distribution" that does not sum to 1
-    assert inflated.audit_gold_err > 1e-2
-    assert bucketed.audit_sum_err > 1e-2 and bucketed.audit_gold_err < 1e-6
-    # both invalid scores look better, which is why they must be caught
-    assert inflated.val_loss < honest.val_loss and bucketed.val_loss < honest.val_loss
+    for result in (honest, inflated, bucketed):
+        assert result.audit[0] == len(audit_positions)
+    assert not tg.audit_fails(honest.audit) and honest.audit[1:] < (1e-6, 1e-6, 1e-12)
+    # "distributions" that do not sum to 1; both invalid scores look better, which is why they must be caught
+    assert tg.audit_fails(inflated.audit) and inflated.audit[1] > 1.0
+    assert tg.audit_fails(bucketed.audit) and bucketed.audit[1] > 1e-2
+    # the inflated cache looks better, which is why it must be caught; the bucketed counts, read through the
+    # smoothed experts (the discount taken off their ratio, no backoff mass), need not
+    assert inflated.val_loss < honest.val_loss
 
 
 def train_gate(stream, steps=60, seq_len=64, batch=8, seed=0):
-    """Train a tiny model + gate on `stream` with frozen leave-one-out tables of the same stream, as the trainer
-    does; return (neural CE, mixture NLL, mean expert weight) on the stream before and after training."""
+    """Train a tiny model + gate on `stream` with frozen tables of the same stream, each position seeing them
+    without its own and later n-grams, as the trainer does; return (neural CE, mixture NLL, mean expert weight)
+    on the stream before and after training."""
     torch.manual_seed(seed)
     model = tiny_model(num_experts=len(ORDERS), seed=seed)
-    tables = NgramTables(1024, ORDERS)
+    tables = NgramTables(1024, TABLE_ORDERS)
     tables.extend(stream)
-    gate_params = list(model.gate.parameters())
+    in_table = tg.table_mask(TABLE_ORDERS, torch.arange(len(stream)), len(stream))
+    gate_params = list(model.gate.parameters()) + list(model.gate_features.parameters())
     other = [p for p in model.parameters() if all(p is not g for g in gate_params)]
     optimizer = torch.optim.Adam([dict(params=other, lr=3e-3), dict(params=gate_params, lr=3e-2)])
     n_seqs = (len(stream) - 1) // seq_len
@@ -157,16 +187,16 @@ def train_gate(stream, steps=60, seq_len=64, batch=8, seed=0):
     def batch_inputs(index):
         starts = index * seq_len
         positions = (starts[:, None] + torch.arange(1, seq_len + 1)).reshape(-1)
-        probs, valid = tg.expert_inputs(tables, stream, positions, 2, exclude_self=True)
+        probs, valid, features = tg.expert_inputs(tables, stream, positions, 2, in_table=in_table, discount=0.87)
         x = stream[positions - 1].reshape(-1, seq_len)
-        return x, stream[positions].reshape(-1, seq_len), probs, valid
+        return x, stream[positions].reshape(-1, seq_len), probs, valid, features
 
     def measure():
         with torch.no_grad():
-            x, y, probs, valid = batch_inputs(torch.arange(n_seqs))
-            _, ce, mix = model(x, y, probs, valid)
+            x, y, probs, valid, features = batch_inputs(torch.arange(n_seqs))
+            _, ce, mix = model(x, y, probs, valid, features)
             h = model.hidden(x).reshape(-1, model.tok_emb.embedding_dim)
-            weights = tg.ngram_mixer.mixture_weights(model.gate_logits(h), valid, model.neural_floor)
+            weights = tg.ngram_mixer.mixture_weights(model.gate_logits(h, features), valid, model.neural_floor)
         return ce.item(), mix.item(), weights[:, 1:].sum(1).mean().item()
 
     before = measure()
@@ -202,8 +232,8 @@ def tiny_artifact(tmp_path_factory):
 
 def test_two_process_evaluation_matches_one_process(tiny_artifact):
     workdir, artifact = tiny_artifact
-    one, log1 = run_trainer(workdir, RUN_ID="eval1", EVAL_ARTIFACT=str(artifact))
-    two, log2 = run_trainer(workdir, nproc=2, RUN_ID="eval2", EVAL_ARTIFACT=str(artifact))
+    one, log1 = run_trainer(workdir, RUN_ID="eval1", EVAL_ARTIFACT=str(artifact), EVAL_DUMP="eval1.npz")
+    two, log2 = run_trainer(workdir, nproc=2, RUN_ID="eval2", EVAL_ARTIFACT=str(artifact), EVAL_DUMP="eval2.npz")
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     for key in ("scored_tokens", "scored_bytes"):
@@ -211,3 +241,14 @@ def test_two_process_evaluation_matches_one_process(tiny_artifact):
     for prefix in ("final_int8_zstd_roundtrip_exact", "final_ngram_ttt_exact"):
         assert log_value(log1, prefix, "val_loss") == pytest.approx(log_value(log2, prefix, "val_loss"), abs=1e-6)
     assert log_value(log2, "legality_audit", "max_abs_sum_err") < 1e-4
+    # one dump for the whole val stream, whatever the process count; it reproduces the logged score
+    dumps = [np.load(workdir / f"eval{n}.npz") for n in (1, 2)]
+    for key in ("bytes", "doc_id", "positions"):
+        assert np.array_equal(dumps[0][key], dumps[1][key])
+    for key in ("nll", "neural_nll", "gate_weights"):
+        assert np.allclose(dumps[0][key], dumps[1][key], atol=1e-5)
+    for dump, log in zip(dumps, (log1, log2)):
+        assert len(dump["nll"]) == log_value(log, "scored_tokens", "scored_tokens")
+        bpb = dump["nll"].sum() / (math.log(2) * dump["bytes"].sum())
+        assert bpb == pytest.approx(float(dump["val_bpb"]), rel=1e-12)
+        assert float(dump["val_bpb"]) == pytest.approx(log_value(log, "final_ngram_ttt_exact", "val_bpb"), abs=1e-8)

@@ -19,8 +19,10 @@ from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
 import ngram_mixer as nm  # noqa: E402
-from ngram_mixer import (BucketedTables, NgramTables, mixture_distribution, mixture_logprob,  # noqa: E402
-                         mixture_weights)
+from ngram_mixer import NgramTables, mixture_logprob, mixture_weights  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+from pr834_tables import BucketedTables  # noqa: E402
 
 ORDERS = (2, 3, 4, 5, 6, 7)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -107,7 +109,7 @@ def test_chunked_extends_give_identical_arrays(sample_val_tokens, vocab_size):
     whole.extend(tokens)
     for piece in torch.split(tokens, random_chunks(tokens.numel(), seed=vocab_size)):
         chunked.extend(piece)
-    for name in ("keys", "cum", "key_offsets", "_tail"):
+    for name in ("keys", "cum", "key_offsets", "tail"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
     assert chunked.num_tokens == tokens.numel()
     for n in ORDERS:
@@ -139,12 +141,13 @@ def test_distribution_rows_sum_to_one(sample_val_tokens, vocab_size):
     assert tables.hashed_orders == ((7,) if vocab_size == 1024 else (5, 6, 7))
     gen = torch.Generator().manual_seed(4)
     positions = torch.randint(6, tokens.numel(), (1000,), generator=gen)
-    probs = tables.probs(tokens, positions)
+    ctx, pair = tables.lookup(tokens, positions)
+    probs = pair.double() / ctx.double()
     for p, t in enumerate(positions.tolist()):
         dist = tables.distribution(tokens[:t])
         # every context here occurs in the table (it precedes tokens[t]), so every row is a distribution
         assert ((dist.sum(dim=1) - 1).abs() <= 1e-12).all(), (t, dist.sum(dim=1))
-        assert torch.equal(dist[:, tokens[t]].float(), probs[:, p])
+        assert torch.equal(dist[:, tokens[t]], probs[:, p])
     short = tables.distribution(tokens[:2])
     assert short[2:].abs().sum() == 0 and ((short[:2].sum(dim=1) - 1).abs() <= 1e-12).all()
     # id 3 is never followed by anything in this table, so no order has seen a context ending in it
@@ -230,19 +233,20 @@ def test_mixture_is_a_normalized_distribution(floor):
     logits, dists, valid, gate = mixture_case(seed=8)
     rows, vocab = logits.shape
     n_experts = dists.shape[0]
-    # score every candidate token as the target: P*V rows
-    targets = torch.arange(vocab).repeat(rows)
-    logprob = mixture_logprob(logits.repeat_interleave(vocab, 0), targets, dists.reshape(n_experts, -1),
-                              valid.repeat_interleave(vocab, 1), gate.repeat_interleave(vocab, 0), floor)
-    assert logprob.dtype == torch.float32
-    total = logprob.double().exp().view(rows, vocab).sum(dim=1)
-    assert (total - 1).abs().max() < 1e-5, total
     weights = mixture_weights(gate, valid, floor)
     assert (weights[:, 0] >= floor * (1 - 1e-6)).all() and ((weights.sum(dim=1) - 1).abs() < 1e-6).all()
     assert (weights[:, 1:][~valid.T] == 0).all() and (weights[:3, 0] == 1).all()
-    dist = mixture_distribution(logits, dists, valid, gate, floor)
-    assert dist.dtype == torch.float64 and ((dist.sum(dim=1) - 1).abs() < 1e-6).all()
-    assert torch.allclose(dist.flatten(), logprob.double().exp(), rtol=1e-5, atol=1e-12)
+    # score every candidate token as the target: P*V rows
+    logprob = mixture_logprob(torch.log_softmax(logits, 1).flatten(), dists.reshape(n_experts, -1),
+                              valid.repeat_interleave(vocab, 1), weights.repeat_interleave(vocab, 0))
+    assert logprob.dtype == torch.float32
+    total = logprob.double().exp().view(rows, vocab).sum(dim=1)
+    assert (total - 1).abs().max() < 1e-5, total
+    # the same distribution written out in float64: w0 * softmax + sum_k w_k * expert_k
+    experts = torch.where(valid[..., None], dists.double(), 0.0)
+    w = weights.double()
+    reference = w[:, :1] * torch.softmax(logits.double(), 1) + torch.einsum("pk,kpv->pv", w[:, 1:], experts)
+    assert torch.allclose(reference.flatten(), logprob.double().exp(), rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
@@ -253,7 +257,8 @@ def test_mixture_gradients_are_finite_and_flow(floor):
     assert ((probs == 0) & valid).any(), "the case must include valid experts giving the target 0"
     logits.requires_grad_(True)
     gate.requires_grad_(True)
-    loss = -mixture_logprob(logits.bfloat16(), targets, probs, valid, gate, floor).sum()
+    neural = torch.log_softmax(logits.bfloat16().float(), 1).gather(1, targets[:, None])[:, 0]
+    loss = -mixture_logprob(neural, probs, valid, mixture_weights(gate, valid, floor)).sum()
     loss.backward()
     for grad in (logits.grad, gate.grad):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
@@ -373,3 +378,32 @@ def test_bad_input_raises():
         tables.distribution(torch.tensor([17]))
     ctx, pair = tables.lookup(stream, torch.zeros(0, dtype=torch.int64))
     assert ctx.shape == pair.shape == (2, 0)
+
+
+@pytest.mark.parametrize("first_len", range(1, 8))
+def test_chunked_extend_equals_one_extend_for_short_first_chunks(first_len):
+    # a first extend shorter than max_order - 1 once kept its left padding as if it were tokens
+    stream = torch.arange(5, 5 + 24) % 11
+    one = NgramTables(16, ORDERS)
+    one.extend(stream)
+    chunked = NgramTables(16, ORDERS)
+    chunked.extend(stream[:first_len])
+    chunked.extend(stream[first_len:])
+    assert torch.equal(one.keys, chunked.keys) and torch.equal(one.cum, chunked.cum)
+    totals = [int(chunked.cum_counts[n][-1]) for n in ORDERS]
+    assert totals == [len(stream) - n + 1 for n in ORDERS]
+    assert torch.equal(chunked.tail, stream[-6:]) and chunked.num_tokens == len(stream)
+
+
+def test_lookup_with_explicit_targets_counts_candidates_after_a_cut_stream(sample_val_tokens):
+    tokens = sample_val_tokens[:3000]
+    tables = NgramTables(1024, ORDERS)
+    tables.extend(tokens[:2000])
+    t = 2500
+    ctx, pair = tables.lookup(tokens[:t], torch.full((1024,), t), targets=torch.arange(1024))
+    gold_ctx, gold_pair = tables.lookup(tokens, torch.tensor([t]))
+    # the stream ends before t, yet every candidate sees t's context, and the gold one matches the plain lookup
+    assert (ctx == gold_ctx).all() and torch.equal(pair[:, tokens[t]], gold_pair[:, 0])
+    assert torch.equal(pair.sum(dim=1), ctx[:, 0])
+    with pytest.raises(ValueError, match="positions"):
+        tables.lookup(tokens[:t], torch.tensor([t]))

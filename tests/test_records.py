@@ -1,7 +1,8 @@
-"""Tests of run.sh and records/package.py on logs from real tiny trainer runs: parsing, refusals, the record folder,
-the significance test, and the seeds loop.
+"""Tests of run.sh and records/package.py: the record-track rules and the BPB significance test on synthetic logs
+(text with the trainer's lines, no trainer run), and parsing, refusals, the record folder and the seeds loop on logs
+from real tiny CPU trainer runs (non-record track: they are not 8xH100 runs).
 
-Run:  python -m pytest -q tests/test_records.py      (about a minute on 2 CPU cores: seven tiny trainer runs)
+Run:  python -m pytest -q tests/test_records.py      (2-3 minutes on 2 shared CPU cores: seven tiny trainer runs)
 """
 import hashlib
 import importlib.util
@@ -18,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, TINY_ENV, log_value, run_trainer
+from devkit import Audit, RunLog, log_fields
 
 SEEDS = (1, 2, 3)
 # VAL_LOSS_EVERY=2 gives loss.png three val points per seed (steps 0, 2, 4).
 MIXER_RUN = dict(NGRAM=1, TTT=1, VAL_LOSS_EVERY=2)
-SOTA = 9.0
+# A val_bpb far above the tiny runs' (4 steps), for the significance statement.
+SOTA_BPB = 9.0
 # The prefix of the last val line, whose train_time is the run's training time.
 LAST_VAL = f"step:{TINY_ENV['ITERATIONS']}/{TINY_ENV['ITERATIONS']} val_loss"
 
@@ -86,8 +89,8 @@ def record(pkg, seed_runs, tmp_path_factory):
     """The record folder packaged from the three seed logs."""
     out_root = tmp_path_factory.mktemp("records")
     return pkg.main([*(str(path) for path, _ in seed_runs.values()), "--name", "Tiny Mixer", "--author", "Test Er",
-                     "--github-id", "tester", "--blurb", "Tiny CPU runs.", "--date", "2026-01-02",
-                     "--sota-val-loss", str(SOTA), "--out-root", str(out_root)])
+                     "--github-id", "tester", "--blurb", "Tiny CPU runs.", "--date", "2026-01-02", "--non-record",
+                     "--sota-val-bpb", str(SOTA_BPB), "--out-root", str(out_root)])
 
 
 def package(pkg, logs, out_root, *extra) -> Path:
@@ -140,9 +143,17 @@ def test_parse_log_matches_the_log_lines(pkg, seed_runs):
         assert (run.quant, run.bytes_total) == ("int8_zstd", int(total_line.split()[-2]))
         code_line = next(ln for ln in log.splitlines() if ln.startswith("Code size:"))
         assert run.bytes_code == int(code_line.split()[-2])
-        assert run.audit == (int(log_value(log, "legality_audit", "positions")),
-                             log_value(log, "legality_audit", "max_abs_sum_err"),
-                             log_value(log, "legality_audit", "max_gold_err"))
+        audit = log_fields(log, "legality_audit")
+        assert run.audit == Audit(int(audit["positions"]), audit["max_abs_sum_err"], audit["max_gold_logp_err"],
+                                  audit["max_future_logp_delta"])
+        assert not run.audit_pre_causal and run.audit.failures() == []
+        assert run.ngram_orders == (2, 3, 4, 5, 6, 7)
+        tokenizer = next(ln for ln in log.splitlines() if ln.startswith("tokenizer path:"))
+        assert run.tokenizer.path == TINY_ENV["TOKENIZER_PATH"] and run.tokenizer.vocab_size == 1024
+        assert run.tokenizer.sha256 == hashlib.sha256(Path(TINY_ENV["TOKENIZER_PATH"]).read_bytes()).hexdigest()
+        assert tokenizer.endswith(run.tokenizer.sha256)
+        assert run.val_tokens == int(TINY_ENV["VAL_MAX_TOKENS"]) == run.scored_tokens + 1
+        assert run.scored_bytes == log_value(log, "scored_tokens", "scored_bytes")
         val_lines = [ln for ln in log.splitlines() if re.match(r"step:\d+/\d+ val_loss:", ln)]
         assert [s for s, _ in run.val_curve] == [float(ln.split("train_time:")[1].split("ms")[0]) for ln in val_lines]
         assert [b for _, b in run.val_curve] == [float(ln.split("val_bpb:")[1].split()[0]) for ln in val_lines]
@@ -166,37 +177,16 @@ def test_parse_plain_run_scores_the_roundtrip(pkg, plain_run, tmp_path):
     log = plain_run.read_text()
     run = pkg.parse_log(plain_run)
     assert run.final_line == "final_int8_zstd_roundtrip_exact" and not run.mixer_ran and run.audit is None
+    assert run.ngram_orders == ()
     assert run.val_loss == log_value(log, "final_int8_zstd_roundtrip_exact", "val_loss")
     assert run.eval_time_ms == log_value(log, "final_int8_zstd_roundtrip ", "eval_time")
     # No mixer: no legality audit to require. One seed: no std and no t-test.
-    dest = package(pkg, [plain_run], tmp_path, "--sota-val-loss", "9")
+    dest = package(pkg, [plain_run], tmp_path, "--non-record", "--sota-val-bpb", "9")
     assert "a t-test needs at least 2 seeds" in (dest / "README.md").read_text()
     assert json.loads((dest / "submission.json").read_text())["seeds"] == [7]
 
 
-# ----- significance -----
-
-def test_significance_matches_a_hand_computed_t_test(pkg):
-    # Worked example: losses 2.00, 2.01, 2.02 -> mean 2.01, sample std 0.01, n = 3, standard error 0.01/sqrt(3).
-    # SOTA 2.050: t = (2.050 - 0.005 - 2.010) / (0.01 / sqrt(3)) = 3.5 sqrt(3) = 6.0622.
-    # With 2 degrees of freedom the t CDF is F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so
-    # p = P(T > t) = 1/2 - 6.0622 / (2 sqrt(38.75)) = 0.013074: not significant at 0.01.
-    # SOTA 2.060: t = 4.5 sqrt(3) = 7.7942, p = 1/2 - 7.7942 / (2 sqrt(62.75)) = 0.0080327: a record.
-    losses = [2.00, 2.01, 2.02]
-    for sota, t_hand, p_hand, verdict in ((2.050, 3.5 * math.sqrt(3), 0.013074, "not significant (p = 0.0131)"),
-                                          (2.060, 4.5 * math.sqrt(3), 0.0080327, "record (p = 0.00803)")):
-        t, p = pkg.significance(losses, sota)
-        assert t == pytest.approx(t_hand, rel=1e-9)
-        assert p == pytest.approx(0.5 - t_hand / (2 * math.sqrt(2 + t_hand ** 2)), rel=1e-9)
-        assert p == pytest.approx(p_hand, abs=5e-7)
-        assert pkg.significance_statement(losses, sota).startswith(verdict)
-    # A mean above the threshold gives t < 0 and p > 1/2.
-    t, p = pkg.significance(losses, 2.01)
-    assert t < 0 and p > 0.5
-    assert pkg.significance_statement(losses, None).startswith("No comparison made")
-
-
-# ----- refusals -----
+# ----- refusals on real logs (non-record track: the checks of both tracks) -----
 
 REFUSALS = {
     "missing final exact line": (("final_ngram_ttt_exact", lambda line: None), "no final exact line"),
@@ -204,12 +194,19 @@ REFUSALS = {
                                                                                     line)), "exceeds the cap"),
     "ARTIFACT_OVER_CAP line": ((None, lambda _: "ARTIFACT_OVER_CAP total:16000001 cap:16000000"),
                                "ARTIFACT_OVER_CAP"),
-    "training over 600 s": ((LAST_VAL, set_field("train_time", "600001ms")), "training took 600.001 s"),
-    "evaluation over 600 s": (("eval_time ", set_field("total", "600001ms")), "evaluation took 600.001 s"),
     "legality audit missing": (("legality_audit", lambda line: None), "no legality_audit line"),
-    "legality audit error": (("legality_audit", set_field("max_gold_err", "2.000e-04")), "legality audit failed"),
+    "legality audit error": (("legality_audit", set_field("max_gold_logp_err", "2.000e-05")),
+                             "legality audit failed: max_gold_logp_err:2.000e-05 > 1e-05"),
+    "legality audit not causal": (("legality_audit", set_field("max_future_logp_delta", "3.000e-03")),
+                                  "legality audit failed: max_future_logp_delta:3.000e-03 > 1e-05"),
+    "legality audit before the causal audit": (
+        ("legality_audit", lambda _: "legality_audit positions:32 max_abs_sum_err:1.000e-07 max_gold_err:2.000e-07"),
+        "audit line predates the causal audit"),
     "LEGALITY_AUDIT_FAILED line": ((None, lambda _: "LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1"),
                                    "LEGALITY_AUDIT_FAILED"),
+    "missing model_params line": (("model_params:", lambda line: None), "cannot tell whether the n-gram mixer ran"),
+    "missing tokenizer line": (("tokenizer path:", lambda line: None), "the record must name its tokenizer"),
+    "different tokenizer": (("tokenizer path:", set_field("sha256", "0" * 64)), "seeds used different tokenizers"),
     "different code": (("code_sha256:", lambda line: "code_sha256:" + "0" * 64), "seeds ran different code"),
     "different settings": (("hparam iterations:", lambda line: "hparam iterations:5"), "settings differ"),
 }
@@ -220,43 +217,31 @@ def test_refusals_name_the_log_and_the_reason(pkg, seed_runs, tmp_path, case):
     edit, reason = REFUSALS[case]
     logs = [path for path, _ in seed_runs.values()]
     logs[1] = edited_copy(logs[1], tmp_path / "edited" / logs[1].name, edit)
-    message = refusal(pkg, logs, tmp_path / "out")
+    message = refusal(pkg, logs, tmp_path / "out", "--non-record")
     assert reason in message
     assert any(reason in line and str(logs[1]) in line for line in message.splitlines()), message
 
 
 def test_unedited_logs_are_accepted(pkg, seed_runs, tmp_path):
-    # The control for the refusals: the same logs without the edit make a record.
-    dest = package(pkg, [path for path, _ in seed_runs.values()], tmp_path)
-    assert (dest / "submission.json").is_file()
+    # The control for the refusals: the same logs without the edit make a (non-record) record folder.
+    dest = package(pkg, [path for path, _ in seed_runs.values()], tmp_path, "--non-record")
+    assert (dest / "submission.json").is_file() and dest.parent.name == "track_non_record_16mb"
 
 
-def test_time_limits_and_the_wallclock_cap(pkg, seed_runs, tmp_path):
+def test_real_cpu_logs_are_refused_on_the_record_track(pkg, seed_runs, tmp_path):
+    message = refusal(pkg, [path for path, _ in seed_runs.values()], tmp_path, "--sota-val-bpb", str(SOTA_BPB))
     path = seed_runs[1][0]
-    step_ms = pkg.parse_log(path).step_avg_ms
-    slow = edited_copy(path, tmp_path / "slow.txt", (LAST_VAL, set_field("train_time", "600050ms")))
-    assert "training took 600.050 s" in refusal(pkg, [slow], tmp_path / "a")
-    # --non-record files it under the other track and does not enforce the time limits.
-    dest = package(pkg, [slow], tmp_path / "b", "--non-record")
-    assert dest.parent.name == "track_non_record_16mb"
-    # A run the wallclock cap stopped may overshoot 600 s by the step that crossed the cap, not by more.
-    for overshoot_ms, accepted in ((step_ms / 2, True), (step_ms * 2, False)):
-        train_time = f"{600_000 + overshoot_ms:.0f}ms"
-        capped = edited_copy(path, tmp_path / "capped.txt", (LAST_VAL, set_field("train_time", train_time)))
-        capped = edited_copy(capped, capped, (None, lambda _: f"stopping_early: wallclock_cap train_time:{train_time} "
-                                                              "step:4/20000"))
-        run = pkg.parse_log(capped)
-        assert run.stopped_early and run.train_time_ms > 600_000
-        assert (pkg.check_runs([run], non_record=False) == []) == accepted
+    for reason in ("world_size:1", "hardware 'CPU' is not an H100", "hparam val_max_tokens:4096"):
+        assert f"{path}: {reason}" in message
 
 
 def test_refuses_duplicate_seeds_and_an_existing_folder(pkg, seed_runs, tmp_path):
     path = seed_runs[1][0]
-    assert "seed 1 appears twice" in refusal(pkg, [path, path], tmp_path / "dup")
-    dest = package(pkg, [path], tmp_path)
+    assert "seed 1 appears twice" in refusal(pkg, [path, path], tmp_path / "dup", "--non-record")
+    dest = package(pkg, [path], tmp_path, "--non-record")
     readme = (dest / "README.md").read_bytes()
     with pytest.raises(SystemExit) as err:
-        package(pkg, [seed_runs[2][0]], tmp_path)
+        package(pkg, [seed_runs[2][0]], tmp_path, "--non-record")
     assert "already exists" in str(err.value.code) and str(dest) in str(err.value.code)
     assert (dest / "README.md").read_bytes() == readme
     assert json.loads((dest / "submission.json").read_text())["seeds"] == [1]
@@ -265,16 +250,232 @@ def test_refuses_duplicate_seeds_and_an_existing_folder(pkg, seed_runs, tmp_path
 def test_cli_exits_nonzero_naming_the_log(code, seed_runs, tmp_path):
     bad = edited_copy(seed_runs[1][0], tmp_path / "bad.txt", ("final_ngram_ttt_exact", lambda line: None))
     proc = subprocess.run([sys.executable, str(code / "records" / "package.py"), str(bad), "--name", "X",
-                           "--author", "a", "--out-root", str(tmp_path / "out")], capture_output=True, text=True)
+                           "--author", "a", "--non-record", "--out-root", str(tmp_path / "out")],
+                          capture_output=True, text=True)
     assert proc.returncode != 0 and f"{bad}: no final exact line" in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+# ----- synthetic logs: the record track -----
+# Full-size 8xH100 logs written as text: the trainer's lines with made-up numbers (val set 62,021,846 tokens; the
+# byte count is made up too). Each test edits one line, so the refusal it expects is the only one.
+
+VAL_TOKENS = 62_021_846
+SCORED_BYTES = 151_080_891
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def synthetic_log(pkg, dest: Path, seed: int, val_bpb: float, settings=None, **lines) -> Path:
+    """A log of an 8xH100 record-track run scoring val_bpb; settings={name: value} changes hparam lines and
+    lines={key: text or None} replaces or drops the lines under that key."""
+    val_loss = val_bpb * math.log(2) * SCORED_BYTES / (VAL_TOKENS - 1)
+    tokenizer = "./data/tokenizers/fineweb_1024_bpe.model"
+    hparams = dict(iterations=20000, ngram=True, ngram_max_order=7, run_id=f"syn_seed{seed}", seed=seed,
+                   tokenizer_path=tokenizer, train_seq_len=1024, ttt=True, val_max_tokens=0) | (settings or {})
+    content = dict(
+        source='===== train_gpt.py =====\nlog0(f"final_ngram_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")',
+        hardware=f"Running Python 3.12.3, PyTorch 2.11.0, {H100}",
+        run_id=f"run_id:syn_seed{seed}",
+        hparams="\n".join(f"hparam {k}:{v}" for k, v in sorted(hparams.items())),
+        world="world_size:8 grad_accum_steps:1 device:cuda:0 torch:2.11.0 compile:True",
+        code_sha=f"code_sha256:{pkg.repo_code_sha256()}",
+        tokenizer=f"tokenizer path:{tokenizer} vocab_size:1024 sha256:{'ab' * 32}",
+        val_tokens=f"val_tokens:{VAL_TOKENS} scored_targets:{VAL_TOKENS - 1}",
+        model_params="model_params:17059912 ngram_orders:[2, 3, 4, 5, 6, 7]",
+        val0="step:0/20000 val_loss:6.9378 val_bpb:4.1090 train_time:0ms step_avg:0.02ms",
+        train="step:1400/20000 train_loss:2.0411 train_time:599700ms step_avg:428.36ms",
+        val="step:1400/20000 val_loss:2.0500 val_bpb:1.2141 train_time:599700ms step_avg:428.36ms",
+        stopped="stopping_early: wallclock_cap train_time:599700ms step:1400/20000",
+        sizes="Serialized model int8_zstd: 15500000 bytes\nCode size: 120000 bytes\n"
+              "Total submission size int8_zstd: 15620000 bytes",
+        roundtrip="final_int8_zstd_roundtrip val_loss:2.0500 val_bpb:1.2141 eval_time:30000ms\n"
+                  "final_int8_zstd_roundtrip_exact val_loss:2.05000000 val_bpb:1.21410000",
+        audit="legality_audit positions:4096 max_abs_sum_err:1.192e-07 max_gold_logp_err:2.384e-07 "
+              "max_future_logp_delta:0.000e+00",
+        scored=f"scored_tokens:{VAL_TOKENS - 1} scored_bytes:{SCORED_BYTES}",
+        eval_time="eval_time roundtrip:30000ms score:60000ms ttt:150000ms total:240000ms",
+        final=f"final_ngram_ttt val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} neural_val_loss:2.0400\n"
+              f"final_ngram_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}",
+    )
+    content.update(lines)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(text for text in content.values() if text is not None) + "\n")
+    return dest
+
+
+# Three seeds 0.0005 BPB apart, far enough below SYNTHETIC_SOTA to be significant.
+SYNTHETIC_BPBS = {1337: 1.0800, 42: 1.0805, 2025: 1.0795}
+SYNTHETIC_SOTA = 1.0900
+
+
+def synthetic_seeds(pkg, folder: Path, bpbs=None, **edits) -> list[Path]:
+    """One synthetic log per seed, each with the same edits (settings=.. and lines; see synthetic_log)."""
+    return [synthetic_log(pkg, folder / f"syn_seed{seed}.txt", seed, bpb, **edits)
+            for seed, bpb in (bpbs or SYNTHETIC_BPBS).items()]
+
+
+def test_synthetic_record_is_accepted_with_its_significance_and_tokenizer(pkg, tmp_path):
+    logs = synthetic_seeds(pkg, tmp_path / "logs")
+    run = pkg.parse_log(logs[0])
+    assert (run.world_size, run.hardware, run.scored_tokens, run.mixer_ran) == (8, H100, VAL_TOKENS - 1, True)
+    dest = package(pkg, logs, tmp_path / "out", "--sota-val-bpb", str(SYNTHETIC_SOTA))
+    assert dest.parent.name == "track_10min_16mb"
+    sub = json.loads((dest / "submission.json").read_text())
+    margin = 0.005 * (VAL_TOKENS - 1) / (SCORED_BYTES * math.log(2))
+    assert sub["track"] == "track_10min_16mb" and sub["world_size"] == 8 and sub["hardware"] == H100
+    assert sub["tokenizer"] == dict(path="./data/tokenizers/fineweb_1024_bpe.model", vocab_size=1024,
+                                    sha256="ab" * 32)
+    assert (sub["scored_tokens"], sub["scored_bytes"]) == (VAL_TOKENS - 1, SCORED_BYTES)
+    significance = sub["significance"]
+    assert significance["margin_bpb"] == pytest.approx(margin, rel=1e-12) and significance["margin_nats"] == 0.005
+    assert significance["sota_val_bpb"] == SYNTHETIC_SOTA and significance["degrees_of_freedom"] == 2
+    assert significance["record"] and significance["p"] < 0.01
+    readme = (dest / "README.md").read_text()
+    assert f"record (p = {significance['p']:.3g})" in readme and f"= {margin:.5f} BPB on this val set" in readme
+    assert f"sha256 `{'ab' * 32}`" in readme
+    assert "62,021,845 targets" in readme and "whole 1024-token sequences only (62,021,632 targets)" in readme
+    assert "max_future_logp_delta:0.000e+00" in readme
+
+
+RECORD_RULES = {
+    "world_size": (dict(world="world_size:1 grad_accum_steps:8 device:cuda:0 torch:2.11.0 compile:True"),
+                   "world_size:1: the record track runs 8 processes"),
+    "hardware": (dict(hardware="Running Python 3.12.3, PyTorch 2.11.0, NVIDIA A100-SXM4-80GB"),
+                 "hardware 'NVIDIA A100-SXM4-80GB' is not an H100"),
+    "hardware line": (dict(hardware=None), "no hardware line"),
+    "val_max_tokens": (dict(settings=dict(val_max_tokens=1000000)),
+                       "hparam val_max_tokens:1000000: the record track scores the whole val set"),
+    "whole val set": (dict(scored=f"scored_tokens:{VAL_TOKENS - 2} scored_bytes:{SCORED_BYTES}"),
+                      f"scored_tokens:{VAL_TOKENS - 2} is not every target of the val set"),
+    "scored line": (dict(scored=None), "no val_tokens or scored_tokens line"),
+    "training time": (dict(train="step:1400/20000 train_loss:2.0411 train_time:600001ms step_avg:428.36ms",
+                           val="step:1400/20000 val_loss:2.0500 val_bpb:1.2141 train_time:600001ms step_avg:0.1ms",
+                           stopped=None), "training took 600.001 s > 600 s"),
+    "evaluation time": (dict(eval_time="eval_time roundtrip:30000ms total:600001ms"), "evaluation took 600.001 s"),
+}
+
+
+@pytest.mark.parametrize("case", RECORD_RULES)
+def test_record_track_rules_name_each_log_and_pass_with_non_record(pkg, tmp_path, case):
+    # Every seed gets the edit, as a real set of seeds would (a setting edited in one would differ from the others).
+    edits, reason = RECORD_RULES[case]
+    logs = synthetic_seeds(pkg, tmp_path / "logs", **edits)
+    message = refusal(pkg, logs, tmp_path / "out", "--sota-val-bpb", str(SYNTHETIC_SOTA))
+    for log in logs:
+        assert any(reason in line and str(log) in line for line in message.splitlines()), message
+    # The record-only rules are the only refusal: --non-record packages the same logs.
+    assert package(pkg, logs, tmp_path / "out", "--non-record").parent.name == "track_non_record_16mb"
+
+
+def test_record_track_needs_three_distinct_seeds(pkg, tmp_path):
+    logs = synthetic_seeds(pkg, tmp_path / "logs", bpbs={1337: 1.0800, 42: 1.0801})
+    message = refusal(pkg, logs, tmp_path / "out", "--sota-val-bpb", str(SYNTHETIC_SOTA))
+    assert "2 distinct seed(s) [42, 1337]; the record track needs at least 3" in message
+    assert str(logs[0]) in message and str(logs[1]) in message
+    package(pkg, logs, tmp_path / "out", "--non-record")
+
+
+def test_record_track_needs_the_sota_score_and_significance(pkg, tmp_path):
+    logs = synthetic_seeds(pkg, tmp_path / "logs")
+    assert "--sota-val-bpb missing" in refusal(pkg, logs, tmp_path / "a")
+    # Mean 1.0800 against 1.0830 - margin 0.00296: t = 0.000039 / (0.0005 / sqrt(3)), far from p < 0.01.
+    message = refusal(pkg, logs, tmp_path / "b", "--sota-val-bpb", "1.0830")
+    assert "not significant (p = " in message and "a record needs p < 0.01" in message
+    dest = package(pkg, logs, tmp_path / "c", "--non-record", "--sota-val-bpb", "1.0830")
+    sub = json.loads((dest / "submission.json").read_text())
+    assert not sub["significance"]["record"] and sub["significance"]["p"] > 0.01
+
+
+def test_sota_val_loss_is_rejected_with_a_pointer_to_val_bpb(pkg, tmp_path, capsys):
+    logs = synthetic_seeds(pkg, tmp_path / "logs")
+    with pytest.raises(SystemExit) as err:
+        package(pkg, logs, tmp_path / "out", "--sota-val-loss", "2.80428")
+    stderr = capsys.readouterr().err
+    assert err.value.code == 2 and not (tmp_path / "out").exists()
+    assert "--sota-val-loss was removed" in stderr and "depends on the tokenizer" in stderr
+    assert "give the current record's val_bpb with --sota-val-bpb" in stderr
+
+
+def test_seeds_may_differ_in_their_dump_paths_only(pkg, tmp_path):
+    logs = [synthetic_log(pkg, tmp_path / f"s{seed}.txt", seed, bpb, settings=dict(eval_dump=f"dumps/s{seed}.npz"))
+            for seed, bpb in SYNTHETIC_BPBS.items()]
+    dest = package(pkg, logs, tmp_path / "out", "--sota-val-bpb", str(SYNTHETIC_SOTA))
+    assert "EVAL_DUMP" not in (dest / "README.md").read_text()
+    logs[2] = synthetic_log(pkg, logs[2], 2025, 1.0795, settings=dict(eval_dump="x.npz", ngram_max_order=6))
+    assert "settings differ from" in refusal(pkg, logs, tmp_path / "out2", "--sota-val-bpb", str(SYNTHETIC_SOTA))
+
+
+def test_audit_thresholds_match_the_trainer(pkg, tmp_path):
+    assert Audit(32, 1e-4, 1e-5, 1e-5).failures() == []
+    assert Audit(0, 0.0, 0.0, 0.0).failures() == ["positions:0 (no target audited)"]
+    assert Audit(32, 1.01e-4, 1.01e-5, 1.01e-5).failures() == [
+        "max_abs_sum_err:1.010e-04 > 0.0001", "max_gold_logp_err:1.010e-05 > 1e-05",
+        "max_future_logp_delta:1.010e-05 > 1e-05"]
+    # A nan error compares False with everything: it must fail, not slip through.
+    log = synthetic_log(pkg, tmp_path / "nan.txt", 1, 1.08, audit="legality_audit positions:4096 "
+                        "max_abs_sum_err:nan max_gold_logp_err:0.000e+00 max_future_logp_delta:0.000e+00")
+    assert pkg.parse_log(log).audit.failures() == ["max_abs_sum_err:nan > 0.0001"]
+    assert "legality audit failed: max_abs_sum_err:nan" in refusal(pkg, [log], tmp_path / "out", "--non-record")
+
+
+# ----- significance in BPB -----
+
+def bpb_runs(pkg, bpbs, scored_tokens, scored_bytes):
+    return [RunLog(Path(f"seed{i}.txt"), val_bpb=bpb, scored_tokens=scored_tokens, scored_bytes=scored_bytes)
+            for i, bpb in enumerate(bpbs)]
+
+
+def test_significance_matches_a_hand_computed_t_test(pkg):
+    # Worked example: 1,000,000 tokens of 2,500,000 bytes: the 0.005-nat margin is 0.005 x 0.4 / ln 2 =
+    # 0.00288539 BPB. val_bpb 1.100, 1.101, 1.102 -> mean 1.101, sample std 0.001, standard error 0.001/sqrt(3).
+    # SOTA 1.108: t = (1.108 - 0.00288539 - 1.101) / 0.00057735 = 7.12671. With 2 degrees of freedom the t CDF is
+    # F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so p = 1/2 - 7.12671 / (2 sqrt(52.7900)) = 0.0095629: a record.
+    # SOTA 1.107: t = 5.39466, p = 1/2 - 5.39466 / (2 sqrt(31.1024)) = 0.016343: not significant, though without
+    # the margin t would be 10.39 (p = 0.0046).
+    assert pkg.margin_bpb(1_000_000, 2_500_000) == pytest.approx(0.002 / math.log(2), rel=1e-12)
+    runs = bpb_runs(pkg, [1.100, 1.101, 1.102], 1_000_000, 2_500_000)
+    for sota, t_hand, p_hand, verdict in ((1.108, 7.126713, 0.0095629, "record (p = 0.00956)"),
+                                          (1.107, 5.394663, 0.016343, "not significant (p = 0.0163)")):
+        result = pkg.significance(runs, sota)
+        assert result.t == pytest.approx(t_hand, rel=1e-6) and result.degrees_of_freedom == 2
+        assert result.p == pytest.approx(0.5 - result.t / (2 * math.sqrt(2 + result.t ** 2)), rel=1e-9)
+        assert result.p == pytest.approx(p_hand, abs=5e-7)
+        assert pkg.significance_statement(runs, sota).startswith(verdict)
+    assert pkg.significance_statement(runs, None).startswith("No comparison made")
+    assert "no scored_tokens line" in pkg.significance_statement(bpb_runs(pkg, [1.1, 1.2], None, None), 1.3)
+
+
+def test_a_weaker_model_on_a_smaller_vocabulary_is_not_a_record(pkg):
+    # The old nats-per-token test called sp1024 val_loss 2.0720, 2.0731, 2.0712 a record against an SP8192
+    # record's val_loss 2.80428 (p = 2.9e-7). In BPB (this val set: 62,021,845 tokens, 151,080,891 bytes) the
+    # sp1024 runs score about 1.227 against the record's 1.0856: nowhere near.
+    tokens_per_byte = (VAL_TOKENS - 1) / SCORED_BYTES
+    bpbs = [loss * tokens_per_byte / math.log(2) for loss in (2.0720, 2.0731, 2.0712)]
+    assert 1.22 < min(bpbs) and max(bpbs) < 1.23
+    result = pkg.significance(bpb_runs(pkg, bpbs, VAL_TOKENS - 1, SCORED_BYTES), 1.0856)
+    assert not result.record and result.p > 0.99 and result.t < 0
+
+
+def test_time_limits_and_the_wallclock_cap(pkg, tmp_path):
+    # A run the wallclock cap stopped may overshoot 600 s by the step that crossed the cap (step_avg 428.36 ms),
+    # not by more.
+    for overshoot_ms, accepted in ((200, True), (900, False)):
+        train_time = f"{600_000 + overshoot_ms}ms"
+        log = synthetic_log(pkg, tmp_path / f"capped{overshoot_ms}.txt", 1, 1.08,
+                            train=f"step:1400/20000 train_loss:2.0411 train_time:{train_time} step_avg:428.36ms",
+                            val=f"step:1400/20000 val_loss:2.05 val_bpb:1.2141 train_time:{train_time} step_avg:1ms",
+                            stopped=f"stopping_early: wallclock_cap train_time:{train_time} step:1400/20000")
+        run = pkg.parse_log(log)
+        assert run.stopped_early and run.train_time_ms > 600_000 and run.step_avg_ms == 428.36
+        assert (pkg.check_runs([run], non_record=False) == []) == accepted
+        assert pkg.check_runs([run], non_record=True) == []
 
 
 # ----- the record folder -----
 
 def test_record_folder_layout_and_submission(pkg, code, record, seed_runs):
     runs = [pkg.parse_log(path) for path, _ in seed_runs.values()]
-    assert record.parent.name == "track_10min_16mb" and record.name == "2026-01-02_Tiny_Mixer"
+    assert record.parent.name == "track_non_record_16mb" and record.name == "2026-01-02_Tiny_Mixer"
     assert sorted(p.name for p in record.iterdir()) == sorted(
         ["README.md", "submission.json", "loss.png", "train_gpt.py", "ngram_mixer.py", "requirements.txt"]
         + [f"train_seed{s}.log" for s in SEEDS])
@@ -303,14 +504,17 @@ def test_record_readme_table_and_significance(pkg, record, seed_runs):
         row = next(line for line in readme.splitlines() if line.startswith(f"| {run.seed} |"))
         assert f"| {run.val_loss:.8f} | {run.val_bpb:.8f} | {run.steps} | {run.step_avg_ms:.2f} ms |" in row
         assert f"| {run.bytes_total:,} |" in row
-    losses = [r.val_loss for r in runs]
-    mean = sum(losses) / 3
-    std = math.sqrt(sum((x - mean) ** 2 for x in losses) / 2)
-    assert f"| mean ± std | {mean:.5f} ± {std:.5f} |" in readme
+    bpbs = [r.val_bpb for r in runs]
+    mean = sum(bpbs) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in bpbs) / 2)
+    assert f"| mean ± std | {sum(r.val_loss for r in runs) / 3:.5f} ± " in readme
+    assert f"val_bpb **{mean:.5f} ± {std:.5f}**" in readme
     # Three seeds: 2 degrees of freedom, so the closed-form t CDF gives the p-value to expect.
-    t = (SOTA - 0.005 - mean) / (std / math.sqrt(3))
+    margin = 0.005 * runs[0].scored_tokens / (runs[0].scored_bytes * math.log(2))
+    t = (SOTA_BPB - margin - mean) / (std / math.sqrt(3))
     p = 0.5 - t / (2 * math.sqrt(2 + t * t))
     assert f"{'record' if p < 0.01 else 'not significant'} (p = {p:.3g})" in readme
+    assert f"{runs[0].scored_tokens:,} targets" in readme and "Tokenizer: `" in readme
 
 
 def test_record_readme_command_uses_real_env_vars(record):
@@ -344,11 +548,11 @@ def test_record_folder_runs_from_inside_itself(pkg, record, seed_runs, tmp_path)
 
 def test_run_sh_runs_seeds_and_packages(pkg, code, tmp_path):
     env = trainer_env(NPROC=1, SEEDS="1 2", RUN_NAME="rs", RECORD_NAME="RunSh", AUTHOR="tester", GITHUB_ID="gh",
-                      PACKAGE_ARGS=f"--out-root {tmp_path / 'records'} --date 2026-01-03", **MIXER_RUN)
+                      PACKAGE_ARGS=f"--non-record --out-root {tmp_path / 'records'} --date 2026-01-03", **MIXER_RUN)
     proc = subprocess.run(["bash", str(code / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    dest = tmp_path / "records" / "track_10min_16mb" / "2026-01-03_RunSh"
+    dest = tmp_path / "records" / "track_non_record_16mb" / "2026-01-03_RunSh"
     assert f"wrote {dest}" in proc.stdout
     for seed in (1, 2):
         log = tmp_path / "logs" / f"rs_seed{seed}.txt"

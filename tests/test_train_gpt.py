@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import (REPO_ROOT, SAMPLE_TOKENIZER, SAMPLE_TRAIN_SHARD, SAMPLE_VAL_SHARD, TINY_ENV,
+from conftest import (REPO_ROOT, log_fields, SAMPLE_TOKENIZER, SAMPLE_TRAIN_SHARD, SAMPLE_VAL_SHARD, TINY_ENV,
                       log_value, run_trainer)
 
 
@@ -18,7 +18,7 @@ def tiny_model(num_experts=0, seed=0):
     torch.manual_seed(seed)
     return tg.GPT(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
                   rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5, tied_embed_init_std=0.05,
-                  num_experts=num_experts)
+                  num_experts=num_experts, num_expert_features=tg.expert_feature_count(num_experts))
 
 
 def make_setup(model, tokens, seq_len, stride, windows_per_batch=3, rank=0, world_size=1):
@@ -126,7 +126,8 @@ def test_plain_eval_equals_direct_loss(sample_val_tokens):
     model = tiny_model().eval()
     tokens = sample_val_tokens[:4 * 64 + 1]
     setup = make_setup(model, tokens, seq_len=64, stride=64)
-    val_loss, val_bpb = tg.eval_val(setup)
+    result = tg.eval_val(setup)
+    val_loss, val_bpb = result.val_loss, result.val_bpb
     with torch.no_grad():
         loss, _, _ = model(tokens[:-1].reshape(4, 64), tokens[1:].reshape(4, 64))
     n_bytes = tg.count_target_bytes(tokens[:-1], tokens[1:], setup.luts).sum().item()
@@ -138,9 +139,11 @@ def test_sliding_eval_scores_each_target_from_its_window(sample_val_tokens):
     model = tiny_model().eval()
     tokens, seq_len, stride = sample_val_tokens[:301], 64, 16
     setup = make_setup(model, tokens, seq_len, stride)
-    per_target = torch.full((300,), float("nan"), dtype=torch.float64)
+    record = tg.TargetRecord(300, 0, tokens.device)
+    record.nll.fill_(float("nan"))
     with torch.inference_mode():
-        sums, _ = tg.score_span(setup, 1, 301, per_target=per_target)
+        sums = tg.score_span(setup, 1, 301, record=record)
+    per_target = record.nll
     assert int(sums[3]) == 300 and not per_target.isnan().any()
     start, lo, hi = tg.window_schedule(1, 301, seq_len, stride)
     with torch.no_grad():
@@ -207,7 +210,9 @@ def test_end_to_end_run_logs_scores_and_artifact_reloads(tmp_path):
     artifact = tmp_path / "final_model.e2e.ptz"
     size_line = next(ln for ln in log.splitlines() if ln.startswith("Serialized model"))
     assert int(size_line.split(":")[1].split()[0]) == artifact.stat().st_size
-    assert log_value(log, "legality_audit", "max_abs_sum_err") < 1e-4
+    audit = log_fields(log, "legality_audit")
+    assert audit["positions"] > 0 and audit["max_abs_sum_err"] < 1e-4
+    assert audit["max_gold_logp_err"] < 1e-5 and audit["max_future_logp_delta"] == 0
     # Re-scoring the written artifact in a fresh process gives the same numbers, digit for digit.
     proc2, log2 = run_trainer(tmp_path, RUN_ID="e2e-reload", EVAL_ARTIFACT=str(artifact))
     assert proc2.returncode == 0, proc2.stderr[-3000:]
@@ -274,4 +279,4 @@ def test_train_gpt_stays_under_the_line_cap():
 
 def test_tiny_env_names_real_hyperparameters():
     # A typo in a test's env var would silently fall back to a default: every name must be a knob.
-    assert {name.lower() for name in TINY_ENV} <= set(vars(tg.Hyperparameters))
+    assert {name.lower() for name in TINY_ENV} <= set(vars(tg.Hyperparameters()))

@@ -1,0 +1,134 @@
+"""The legality audit against planted bugs: each one that could make a score better than the truth must fail the
+audit or stop the run. The honest evaluation must pass with its causal deltas exactly 0.
+
+Run:  python -m pytest -q tests/test_audit.py
+"""
+import pytest
+import torch
+
+import train_gpt as tg
+from ngram_mixer import NgramTables
+from test_mixer_eval import ORDERS, mixer_model
+from test_train_gpt import make_setup
+
+AUDITED = torch.arange(150, 768, 13)
+
+
+@pytest.fixture(scope="module")
+def tokens(sample_val_tokens):
+    return sample_val_tokens[:769].clone()
+
+
+def audit_model():
+    """The tiny mixer model with random output projections: freshly initialized ones are zero, which would make
+    attention (and so any attention bug) invisible."""
+    model = mixer_model()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=generator) * 0.1)
+    return model
+
+
+def evaluate(tokens, cache=None, ttt_epochs=1):
+    setup = make_setup(audit_model(), tokens, 32, 8)
+    setup.min_count = 1
+    cache = NgramTables(1024, (1,) + ORDERS) if cache is None else cache
+    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0)
+    return tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(tokens), 96), cache, ttt, tg.LegalityAudit(AUDITED, 0))
+
+
+def test_honest_evaluation_passes_with_exact_causal_deltas(tokens):
+    result = evaluate(tokens)
+    count, sum_err, gold_err, future_delta = result.audit
+    assert count == len(AUDITED) and not tg.audit_fails(result.audit)
+    assert sum_err < 1e-6 and gold_err < 1e-6 and future_delta == 0.0
+
+
+def test_gold_dependent_expert_mask_fails(tokens, monkeypatch):
+    honest = tg.expert_inputs
+
+    def gold_mask(*args, **kwargs):
+        probs, valid, features = honest(*args, **kwargs)
+        # "use an expert only where it gives the target a fair probability": that peeks at the target
+        return probs, valid & (probs > 0.05), features
+
+    monkeypatch.setattr(tg, "expert_inputs", gold_mask)
+    result = evaluate(tokens)
+    assert tg.audit_fails(result.audit) and result.audit[1] > 1e-4
+
+
+def test_probability_inflated_by_9e_5_fails(tokens, monkeypatch):
+    honest = tg.mix
+
+    def inflated(setup, cache, h, neural_lp, stream, positions, targets=None):
+        lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets)
+        if everywhere or targets is None:
+            lp = torch.log(lp.double().exp() + 9e-5).float()
+        return lp, weights
+
+    everywhere = True
+    monkeypatch.setattr(tg, "mix", inflated)
+    assert tg.audit_fails(evaluate(tokens).audit)
+    # only the scored pass inflated, the enumeration honest: the gold log-probability no longer matches
+    everywhere = False
+    result = evaluate(tokens)
+    assert tg.audit_fails(result.audit) and result.audit[1] < 1e-4 and result.audit[2] > 1e-5
+
+
+def test_non_causal_attention_fails(tokens, monkeypatch):
+    honest = torch.nn.functional.scaled_dot_product_attention
+
+    def bidirectional(q, k, v, is_causal=False, **kwargs):
+        return honest(q, k, v, is_causal=False, **kwargs)
+
+    monkeypatch.setattr(tg.F, "scaled_dot_product_attention", bidirectional)
+    result = evaluate(tokens, ttt_epochs=0)
+    assert tg.audit_fails(result.audit) and result.audit[3] > 1e-5
+
+
+def test_cache_extended_before_scoring_stops_the_run(tokens, monkeypatch):
+    honest = tg.score_span
+
+    def extend_first(setup, first, end, cache=None, audit=None, record=None):
+        cache.extend(setup.tokens[cache.num_tokens:end])
+        return honest(setup, first, end, cache, audit, record)
+
+    monkeypatch.setattr(tg, "score_span", extend_first)
+    with pytest.raises(RuntimeError, match="causality violated.*cache"):
+        evaluate(tokens)
+
+
+class EarlyCache(NgramTables):
+    """PR #834's boundary bug: each chunk enters the cache shifted one token late, so the cache holds the next
+    chunk's first target before it is scored (the token count is right, the content is not)."""
+
+    def __init__(self, stream):
+        super().__init__(1024, ORDERS)
+        self.stream = stream
+
+    def extend(self, tokens):
+        super().extend(self.stream[self.num_tokens + 1:self.num_tokens + 1 + len(tokens)])
+
+
+def test_cache_one_token_ahead_stops_the_run(tokens):
+    with pytest.raises(RuntimeError, match="causality violated.*cache"):
+        evaluate(tokens, cache=EarlyCache(tokens))
+
+
+def test_ttt_on_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
+    honest = tg.score_span
+
+    def train_first(setup, first, end, cache=None, audit=None, record=None):
+        params = list(setup.model.parameters())
+        # the evaluation scores under inference_mode; this bug trains right there
+        with torch.inference_mode(False), torch.enable_grad():
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            tg.ttt_on_chunk(setup, torch.optim.SGD(params, lr=0.05), params, first, end, 1, 0.05, 0.0)
+        return honest(setup, first, end, cache, audit, record)
+
+    monkeypatch.setattr(tg, "score_span", train_first)
+    with pytest.raises(RuntimeError, match="causality violated.*TTT"):
+        evaluate(tokens)
