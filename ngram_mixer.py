@@ -222,6 +222,12 @@ class _EarlierEqual:
         self.group[order] = new_group.long().cumsum(0) - 1
         self.n_groups = int(new_group.sum())
 
+    def count_between(self, query, lo, hi):
+        """#{events with key == query and lo <= position < hi}; lo None means no lower bound."""
+        if self.keys.numel() == 0:
+            return torch.zeros_like(query)
+        return self.count(query, hi) if lo is None else self.count(query, hi) - self.count(query, lo)
+
     def count(self, query, bound):
         """query: [..] int64 keys; bound: [..] int64 in [0, bound_limit]. Returns int64 [..]."""
         n = self.keys.numel()
@@ -400,11 +406,11 @@ class NgramTables:
             later = torch.where(valid[k], end, 0)
             # events outside the table join where q < t; the table's own leave where q >= t
             added, own = ~held, held
-            for sign, keep, lo, hi in ((1, added, 0, bound), (-1, own, bound, later)):
+            for sign, keep, lo, hi in ((1, added, None, bound), (-1, own, bound, later)):
                 contexts = _EarlierEqual(ctx_keys[keep], pos[keep], end)
                 pairs = _EarlierEqual(pair_keys[keep], pos[keep], end)
-                context[k] += sign * (contexts.count(base[k], hi) - contexts.count(base[k], lo))
-                pair[k] += sign * (pairs.count(query_pair[k], hi) - pairs.count(query_pair[k], lo))
+                context[k] += sign * contexts.count_between(base[k], lo, hi)
+                pair[k] += sign * pairs.count_between(query_pair[k], lo, hi)
             # distinct continuations, per pair v of this stream, with T(v) its table count and first_added(v) /
             # first_own(v) the first position of each kind: v is seen at t iff T(v) > #own at >= t, or it was
             # added before t. It joins at first_added(v) + 1 when T(v) = 0; it leaves at first_own(v) + 1 when
@@ -422,13 +428,13 @@ class NgramTables:
             fresh = (table_count == 0) & (first_added < end)
             vanishing = (own_count > 0) & (own_count == table_count)
             rejoin = vanishing & (first_added < first_own)
-            terms = ((1, fresh, first_added, 0, bound), (-1, vanishing, first_own, bound, later),
-                     (1, rejoin, first_added, 0, bound), (-1, rejoin, first_own, 0, bound))
+            terms = ((1, fresh, first_added, None, bound), (-1, vanishing, first_own, bound, later),
+                     (1, rejoin, first_added, None, bound), (-1, rejoin, first_own, None, bound))
             for sign, keep, at, lo, hi in terms:
                 # one entry per pair, put in position order as _EarlierEqual requires
                 by_position = _stable_argsort(at[keep])
                 entries = _EarlierEqual(group_ctx[keep][by_position], at[keep][by_position], end)
-                distinct[k] += sign * (entries.count(base[k], hi) - entries.count(base[k], lo))
+                distinct[k] += sign * entries.count_between(base[k], lo, hi)
         return ExpertCounts(context, pair, distinct)
 
     def _targets(self, stream, positions, targets):
