@@ -1,19 +1,23 @@
-"""Exact, normalized n-gram experts (orders 2..7 by default) for the neural / n-gram mixer.
+"""Exact, normalized n-gram experts (orders 1..7 by default) for the neural / n-gram mixer.
 
-Tests:      python -m pytest -q tests/test_ngram_mixer.py
-Benchmark:  python bench/ngram_bench.py [--device cuda] [--tokens N]
+Tests:      python -m pytest -q tests/test_ngram_mixer.py tests/test_experts.py
+Benchmark:  python bench/ngram_bench.py [--device cuda] [--tokens N];  python bench/experts_bench.py
 
 Mixture. At position t, with the neural distribution q_t and gate logits g_t computed from the prefix only,
-    p_t(v) = w0 * q_t(v) + sum_k w_k * c_k(ctx_k, v) / c_k(ctx_k),
-    w = softmax(g_t) over the neural slot and the experts whose context count c_k(ctx_k) > 0 (others get 0),
+    p_t(v) = w0 * q_t(v) + sum_k w_k * p_k(v | ctx_k),
+    w = softmax(g_t) over the neural slot and the valid experts (context seen often enough; others get 0),
     then w0 <- max(w0, neural_floor) and the experts' share is rescaled to 1 - w0.
-Every valid expert is a full distribution over the vocabulary (below), so p_t sums to 1 whatever the gate says,
-and a floor > 0 keeps every token's probability > 0. mixture_weights() is the one place the weights are made.
+Expert k is built from exact counts: c_k(ctx, v) / c_k(ctx), or the interpolated absolute-discounting
+distribution of smoothed_probs() that backs off through the lower orders to the uniform. Either is a full
+distribution over the vocabulary (below), so p_t sums to 1 whatever the gate says, and a floor > 0 keeps every
+token's probability > 0. mixture_weights() is the one place the weights are made.
 
 Causality. A table holds only tokens already scored: the eval cache starts empty and extend(chunk) runs after
-the chunk has been scored. Training the gate on frozen tables of the training stream uses leave-one-out counts
-(lookup(..., exclude_self=...)) so a position never sees its own occurrence. A lookup at t reads the context
-stream[t-n+1:t]; stream[t] only picks which of that context's counts is returned.
+the chunk has been scored. counts() adds the chunk's own n-grams that end before t (every token before t counts,
+as in a classical cache updated per token), never the one at t or later. Training the gate on frozen tables of
+the training stream leaves a position's own occurrence out (lookup(..., exclude_self=...)), or, in counts(...,
+in_table=...), every occurrence at or after it. A lookup at t reads the context stream[t-n+1:t]; stream[t] (or
+the given target) only picks which of that context's counts is returned.
 
 Normalization. Per order n the table is ONE sorted array of distinct pair keys ctx_key * V + v (the token v kept
 exact) and a running count array cum, with count(pair_keys[i]) = cum[i+1] - cum[i]. The pairs of one context fill
