@@ -335,8 +335,8 @@ class NgramTables:
         stream: [L] int, ids in [0, V); positions: [P] int in [0, L). For order n (row k) and t = positions[p]:
         context = stream[t-n+1:t], token = stream[t]; t < n-1 gives (0, 0). targets: optional [P] int, ids in
         [0, V), the tokens to count instead of stream[positions]; then positions may equal L, so a stream that
-        ends right before t can be asked about every candidate token at t (the legality audit). exclude_self: bool, or bool tensor
-        broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is subtracted from both
+        ends right before t can be asked about every candidate token at t (the legality audit). exclude_self:
+        bool, or bool tensor broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is subtracted from both
         counts (leave-one-out, for streams extended into the table); ValueError if it is not in the table.
         Returns (context_count, pair_count), int64 [K, P], context_count = sum over tokens of pair_count.
         """
