@@ -1,19 +1,23 @@
-"""Exact, normalized n-gram experts (orders 2..7 by default) for the neural / n-gram mixer.
+"""Exact, normalized n-gram experts (orders 1..7 by default) for the neural / n-gram mixer.
 
-Tests:      python -m pytest -q tests/test_ngram_mixer.py
-Benchmark:  python bench/ngram_bench.py [--device cuda] [--tokens N]
+Tests:      python -m pytest -q tests/test_ngram_mixer.py tests/test_experts.py
+Benchmark:  python bench/ngram_bench.py [--device cuda] [--tokens N];  python bench/experts_bench.py
 
 Mixture. At position t, with the neural distribution q_t and gate logits g_t computed from the prefix only,
-    p_t(v) = w0 * q_t(v) + sum_k w_k * c_k(ctx_k, v) / c_k(ctx_k),
-    w = softmax(g_t) over the neural slot and the experts whose context count c_k(ctx_k) > 0 (others get 0),
+    p_t(v) = w0 * q_t(v) + sum_k w_k * p_k(v | ctx_k),
+    w = softmax(g_t) over the neural slot and the valid experts (context seen often enough; others get 0),
     then w0 <- max(w0, neural_floor) and the experts' share is rescaled to 1 - w0.
-Every valid expert is a full distribution over the vocabulary (below), so p_t sums to 1 whatever the gate says,
-and a floor > 0 keeps every token's probability > 0. mixture_weights() is the one place the weights are made.
+Expert k is built from exact counts: c_k(ctx, v) / c_k(ctx), or the interpolated absolute-discounting
+distribution of smoothed_probs() that backs off through the lower orders to the uniform. Either is a full
+distribution over the vocabulary (below), so p_t sums to 1 whatever the gate says, and a floor > 0 keeps every
+token's probability > 0. mixture_weights() is the one place the weights are made.
 
 Causality. A table holds only tokens already scored: the eval cache starts empty and extend(chunk) runs after
-the chunk has been scored. Training the gate on frozen tables of the training stream uses leave-one-out counts
-(lookup(..., exclude_self=...)) so a position never sees its own occurrence. A lookup at t reads the context
-stream[t-n+1:t]; stream[t] only picks which of that context's counts is returned.
+the chunk has been scored. counts() adds the chunk's own n-grams that end before t (every token before t counts,
+as in a classical cache updated per token), never the one at t or later. Training the gate on frozen tables of
+the training stream leaves a position's own occurrence out (lookup(..., exclude_self=...)), or, in counts(...,
+in_table=...), every occurrence at or after it. A lookup at t reads the context stream[t-n+1:t]; stream[t] (or
+the given target) only picks which of that context's counts is returned.
 
 Normalization. Per order n the table is ONE sorted array of distinct pair keys ctx_key * V + v (the token v kept
 exact) and a running count array cum, with count(pair_keys[i]) = cum[i+1] - cum[i]. The pairs of one context fill
@@ -39,6 +43,9 @@ small extends cost O(table) each and give byte-identical arrays to one extend of
 three binary searches per (order, position): lower bound of ctx_key*V, upper bound of ctx_key*V + V-1, and lower
 bound of the pair key.
 """
+import itertools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -89,6 +96,12 @@ def _context_keys(columns, vocab_size, orders):
     bits = _bits(vocab_size)
     per_word = 63 // bits
     chain, word, in_word = 0, 0, 0
+    columns = iter(columns)
+    if orders[0] == 1:
+        # the unigram's context is empty: key 0 for every position
+        first = next(columns)
+        yield torch.zeros_like(first)
+        columns = itertools.chain([first], columns)
     for j, ids in zip(range(1, orders[-1]), columns):
         word = ids if in_word == 0 else torch.add(word, ids, alpha=vocab_size**in_word)
         in_word += 1
@@ -181,18 +194,82 @@ def _as_ids(x, name, limit, device):
     return x
 
 
+def _stable_argsort(x):
+    """Indices [N] int64 that sort x ([N] int64) with ties kept in their original order."""
+    if x.device.type == "cpu":
+        # numpy's radix sort for int64 (kind="stable") is several times faster than torch's stable sort on CPU
+        return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
+    return torch.sort(x, stable=True).indices
+
+
+class _EarlierEqual:
+    """Counts of earlier equal keys: for query (key q, bound t), #{events e : key_e == q and position_e < t}.
+
+    Events are sorted by (key, position) once: a stable sort by key of events given in position order. Within
+    a key's group the positions ascend, so the count is a binary search for t inside the group. The two-level
+    search is one searchsorted over comp = group_start * S + position (S > every bound), which is sorted: a
+    group's values lie in [group_start * S, group_start * S + S) and the next group starts at >= (start + 1) * S.
+    """
+
+    def __init__(self, keys, positions, bound_limit):
+        # keys: [E] int64; positions: [E] int64 ascending, < bound_limit; bound_limit: int > every query bound
+        order = _stable_argsort(keys)
+        self.keys, self.scale = keys[order], bound_limit + 1
+        n = self.keys.numel()
+        new_group = torch.ones(n, dtype=torch.bool, device=keys.device)
+        new_group[1:] = self.keys[1:] != self.keys[:-1]
+        index = torch.arange(n, device=keys.device)
+        group_start = torch.cummax(torch.where(new_group, index, 0), 0).values if n else index
+        self.comp = group_start * self.scale + positions[order]
+        # dense id of each event's key (0, 1, ... in key order), in the events' order
+        self.group = torch.empty_like(index)
+        self.group[order] = new_group.long().cumsum(0) - 1
+        self.n_groups = int(new_group.sum())
+
+    def count_between(self, query, lo, hi):
+        """#{events with key == query and lo <= position < hi}; lo None means no lower bound."""
+        if self.keys.numel() == 0:
+            return torch.zeros_like(query)
+        return self.count(query, hi) if lo is None else self.count(query, hi) - self.count(query, lo)
+
+    def count(self, query, bound):
+        """query: [..] int64 keys; bound: [..] int64 in [0, bound_limit]. Returns int64 [..]."""
+        n = self.keys.numel()
+        if n == 0:
+            return torch.zeros_like(query)
+        lo = _searchsorted(self.keys, query)
+        found = self.keys[lo.clamp(max=n - 1)] == query
+        below = _searchsorted(self.comp, lo * self.scale + bound) - lo
+        return torch.where(found, below, 0)
+
+
+@dataclass
+class ExpertCounts:
+    """Counts behind each expert at each query, rows k = the table's orders, all int64 [K, P].
+
+    context: c(ctx), how often the order-n context before the target was seen; pair: c(ctx, target);
+    distinct: N1+(ctx .), how many distinct tokens were seen after that context. Zero where t < n-1.
+    context = sum over tokens of pair, and distinct = #{tokens with pair > 0}, exactly.
+    """
+    context: torch.Tensor
+    pair: torch.Tensor
+    distinct: torch.Tensor
+
+
 class NgramTables:
     """Exact count tables for the given n-gram orders over a token stream that grows by extend()."""
 
     def __init__(self, vocab_size: int, orders=(2, 3, 4, 5, 6, 7), device=None, backend: str = "auto"):
-        """vocab_size: V, ids are in [0, V). orders: sorted distinct ints >= 2. device: where the tables live
+        """vocab_size: V, ids are in [0, V). orders: sorted distinct ints >= 1 (1 = unigram, empty context), the
+        largest >= 2. device: where the tables live
         (default CPU). backend: lookup engine, "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch"
         (torch.searchsorted), or "auto" = triton on CUDA when importable, else torch."""
         orders = tuple(orders)
         if not isinstance(vocab_size, int) or not 2 <= vocab_size <= 2**31:
             raise ValueError(f"vocab_size must be an int in [2, 2^31], got {vocab_size!r}")
-        if not orders or any(type(n) is not int or n < 2 for n in orders) or list(orders) != sorted(set(orders)):
-            raise ValueError(f"orders must be sorted distinct ints >= 2, got {orders!r}")
+        if (not orders or any(type(n) is not int or n < 1 for n in orders) or list(orders) != sorted(set(orders))
+                or orders[-1] < 2):
+            raise ValueError(f"orders must be sorted distinct ints >= 1, the largest >= 2, got {orders!r}")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         if backend == "triton" and triton is None:
@@ -258,30 +335,14 @@ class NgramTables:
         stream: [L] int, ids in [0, V); positions: [P] int in [0, L). For order n (row k) and t = positions[p]:
         context = stream[t-n+1:t], token = stream[t]; t < n-1 gives (0, 0). targets: optional [P] int, ids in
         [0, V), the tokens to count instead of stream[positions]; then positions may equal L, so a stream that
-        ends right before t can be asked about every candidate token at t (the legality audit). exclude_self: bool, or bool tensor
-        broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is subtracted from both
+        ends right before t can be asked about every candidate token at t (the legality audit). exclude_self:
+        bool, or bool tensor broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is subtracted from both
         counts (leave-one-out, for streams extended into the table); ValueError if it is not in the table.
         Returns (context_count, pair_count), int64 [K, P], context_count = sum over tokens of pair_count.
         """
         stream = _as_ids(stream, "stream", self.vocab_size, self.device)
         positions = _as_ids(positions, "positions", stream.numel() + (targets is not None), self.device)
-        orders = torch.tensor(self.orders, device=self.device)[:, None]
-        valid = positions >= orders - 1
-        # keys are computed here for both backends, so the hashing exists in one place
-        columns = _columns(stream, positions, self.max_order)
-        base = torch.stack(list(_context_keys(columns, self.vocab_size, self.orders))).mul_(self.vocab_size)
-        if targets is None:
-            tokens = stream[positions]
-        else:
-            tokens = _as_ids(targets, "targets", self.vocab_size, self.device)
-            if tokens.shape != positions.shape:
-                raise ValueError(f"targets has shape {tuple(tokens.shape)}, positions {tuple(positions.shape)}")
-        if self.backend == "triton" and positions.numel() and self.keys.numel():
-            ctx, pair = _lookup_triton(self.keys, self.cum, self.key_offsets, base, tokens, self.vocab_size)
-        else:
-            ctx, pair = self._lookup_torch(base, tokens)
-        ctx.masked_fill_(~valid, 0)
-        pair.masked_fill_(~valid, 0)
+        ctx, pair, _, valid = self._table_counts(stream, positions, self._targets(stream, positions, targets))
         if exclude_self is False:
             return ctx, pair
         drop = torch.as_tensor(exclude_self, dtype=torch.bool, device=self.device)
@@ -299,9 +360,119 @@ class NgramTables:
                              "that n-gram is not in the table")
         return ctx, pair
 
+    def counts(self, stream: torch.Tensor, positions: torch.Tensor, targets=None, chunk_start=None,
+               in_table=None) -> ExpertCounts:
+        """Counts of every order at every position, as seen from the prefix before it. Two uses:
+
+        Evaluation (in_table None): the table PLUS the stream's own earlier tokens. For t = positions[p] the
+        counts are those of the table plus those of the n-grams ending at q with chunk_start <= q < t in
+        `stream`: every token before t when the table holds stream[0:chunk_start] (the eval cache), so a chunk's
+        targets see its own earlier tokens exactly, never the token at t or later ones. chunk_start: int
+        (default self.num_tokens); where chunk_start >= t the table alone is read.
+        Training (in_table given): the stream lies inside the table's own stream. in_table: bool [K, L], where
+        the order-k n-gram ending at stream position q was counted into the table. The counts are the table's
+        WITHOUT those occurrences at q >= t (leave-future-out: the position sees the rest of the table and its
+        own stream's earlier tokens, as the eval cache does; q = t alone is leave-one-out). chunk_start unused.
+
+        stream: [L] int, ids in [0, V); positions: [P] int in [0, L), or [0, L] when targets is given;
+        targets: [P] int (default stream[positions]): the token whose pair count is read at each position.
+        Returns ExpertCounts ([K, P] int64 each), exact.
+        """
+        stream = _as_ids(stream, "stream", self.vocab_size, self.device)
+        positions = _as_ids(positions, "positions", stream.numel() + (targets is not None), self.device)
+        targets = self._targets(stream, positions, targets)
+        base = self._context_bases(stream, positions)
+        context, pair, distinct, valid = self._table_counts(stream, positions, targets, base)
+        if in_table is None:
+            first = self.num_tokens if chunk_start is None else int(chunk_start)
+            if first < 0:
+                raise ValueError(f"chunk_start must be >= 0, got {first}")
+            # events up to the last bound any query needs
+            end = min(stream.numel(), int(positions.max()) if positions.numel() else 0)
+        else:
+            if in_table.shape != (len(self.orders), stream.numel()) or in_table.dtype != torch.bool:
+                raise ValueError(f"in_table must be bool [{len(self.orders)}, {stream.numel()}], "
+                                 f"got {in_table.dtype} {tuple(in_table.shape)}")
+            first, end = 0, stream.numel()
+        if end <= first:
+            return ExpertCounts(context, pair, distinct)
+        event_pos = torch.arange(first, end, device=self.device)
+        event_base = self._context_bases(stream, event_pos)
+        event_tokens = stream[event_pos]
+        _, event_table_pair, _, event_valid = self._table_counts(stream, event_pos, event_tokens, event_base)
+        query_pair = base + targets
+        for k in range(len(self.orders)):
+            live = event_valid[k]
+            pos, ctx_keys, table_pair = event_pos[live], event_base[k][live], event_table_pair[k][live]
+            pair_keys = ctx_keys + event_tokens[live]
+            held = torch.zeros_like(live[live]) if in_table is None else in_table[k].to(self.device)[first:end][live]
+            bound = torch.where(valid[k], positions, 0).clamp(max=end)
+            later = torch.where(valid[k], end, 0)
+            # events outside the table join where q < t; the table's own leave where q >= t
+            added, own = ~held, held
+            for sign, keep, lo, hi in ((1, added, None, bound), (-1, own, bound, later)):
+                contexts = _EarlierEqual(ctx_keys[keep], pos[keep], end)
+                pairs = _EarlierEqual(pair_keys[keep], pos[keep], end)
+                context[k] += sign * contexts.count_between(base[k], lo, hi)
+                pair[k] += sign * pairs.count_between(query_pair[k], lo, hi)
+            # distinct continuations, per pair v of this stream, with T(v) its table count and first_added(v) /
+            # first_own(v) the first position of each kind: v is seen at t iff T(v) > #own at >= t, or it was
+            # added before t. It joins at first_added(v) + 1 when T(v) = 0; it leaves at first_own(v) + 1 when
+            # all its table occurrences are own ones (counting back from the end), unless already added then.
+            groups = _EarlierEqual(pair_keys, pos, end)
+            n_groups, gid = groups.n_groups, groups.group
+            never = torch.full((n_groups,), end, dtype=torch.int64, device=self.device)
+            first_added = never.clone().scatter_reduce_(0, gid[added], pos[added], "amin")
+            first_own = never.clone().scatter_reduce_(0, gid[own], pos[own], "amin")
+            own_count = torch.zeros_like(never).index_add_(0, gid[own], torch.ones_like(pos[own]))
+            table_count = torch.zeros_like(never).scatter_(0, gid, table_pair)
+            if (own_count > table_count).any():
+                raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
+            group_ctx = torch.zeros_like(never).scatter_(0, gid, ctx_keys)
+            fresh = (table_count == 0) & (first_added < end)
+            vanishing = (own_count > 0) & (own_count == table_count)
+            rejoin = vanishing & (first_added < first_own)
+            terms = ((1, fresh, first_added, None, bound), (-1, vanishing, first_own, bound, later),
+                     (1, rejoin, first_added, None, bound), (-1, rejoin, first_own, None, bound))
+            for sign, keep, at, lo, hi in terms:
+                # one entry per pair, put in position order as _EarlierEqual requires
+                by_position = _stable_argsort(at[keep])
+                entries = _EarlierEqual(group_ctx[keep][by_position], at[keep][by_position], end)
+                distinct[k] += sign * entries.count_between(base[k], lo, hi)
+        return ExpertCounts(context, pair, distinct)
+
+    def _targets(self, stream, positions, targets):
+        # the token counted at each position: stream[positions], or the checked explicit targets [P]
+        if targets is None:
+            return stream[positions]
+        targets = _as_ids(targets, "targets", self.vocab_size, self.device)
+        if targets.shape != positions.shape:
+            raise ValueError(f"targets has shape {tuple(targets.shape)}, positions {tuple(positions.shape)}")
+        return targets
+
+    def _context_bases(self, stream, positions):
+        # context key * V, int64 [K, P], of the context right before each position (positions may equal L)
+        return torch.stack(list(_context_keys(_columns(stream, positions, self.max_order), self.vocab_size,
+                                              self.orders))).mul_(self.vocab_size)
+
+    def _table_counts(self, stream, positions, tokens, base=None):
+        """(context, pair, distinct, valid) [K, P] of the table alone: the counts of the context before each
+        position (stream [L] int64, positions [P] int64 in [0, L]) and of the pair (context, tokens[p]), the
+        number of distinct tokens seen after the context, and valid = t >= n-1 (counts are 0 elsewhere)."""
+        valid = positions >= torch.tensor(self.orders, device=self.device)[:, None] - 1
+        # keys are computed here for both backends, so the hashing exists in one place
+        base = self._context_bases(stream, positions) if base is None else base
+        if self.backend == "triton" and positions.numel() and self.keys.numel():
+            counts = _lookup_triton(self.keys, self.cum, self.key_offsets, base, tokens, self.vocab_size)
+        else:
+            counts = self._lookup_torch(base, tokens)
+        for c in counts:
+            c.masked_fill_(~valid, 0)
+        return (*counts, valid)
+
     def _lookup_torch(self, base, tokens):
-        # base: [K, P] int64 context key * V; tokens: [P] int64. Returns (ctx, pair) int64 [K, P].
-        ctx, pair = torch.zeros_like(base), torch.zeros_like(base)
+        # base: [K, P] int64 context key * V; tokens: [P] int64. Returns (ctx, pair, distinct) int64 [K, P].
+        ctx, pair, distinct = torch.zeros_like(base), torch.zeros_like(base), torch.zeros_like(base)
         for k, n in enumerate(self.orders):
             keys, cum = self.pair_keys[n], self.cum_counts[n]
             if keys.numel() == 0:
@@ -318,7 +489,9 @@ class NgramTables:
             hit = keys[at.clamp(max=keys.numel() - 1)] == query
             ctx[k, perm] = cum[hi] - cum[lo]
             pair[k, perm] = cum[at + hit.long()] - cum[at]
-        return ctx, pair
+            # the context's distinct pair keys are exactly keys[lo:hi]
+            distinct[k, perm] = hi - lo
+        return ctx, pair, distinct
 
     def distribution(self, context: torch.Tensor) -> torch.Tensor:
         """Next-token distributions after context ([L] int, ids in [0, V)), float64 [K, V]. Row k uses the last
@@ -348,7 +521,7 @@ class NgramTables:
 if triton is not None:
     @triton.jit
     def _ngram_lookup_kernel(keys_ptr, cum_ptr, offsets_ptr, base_ptr, token_ptr, ctx_out_ptr, pair_out_ptr,
-                             n_pos, vocab_size, BLOCK: tl.constexpr):
+                             distinct_out_ptr, n_pos, vocab_size, BLOCK: tl.constexpr):
         # grid (cdiv(n_pos, BLOCK), K). Order k's keys are keys[offsets[k]:offsets[k+1]], its running counts
         # cum[offsets[k]+k : offsets[k+1]+k+1] (one leading 0 per order).
         order = tl.program_id(1)
@@ -388,21 +561,74 @@ if triton is not None:
         pair = tl.load(seg_cum + at + tl.where(hit, 1, 0), mask=live, other=0) - below
         tl.store(ctx_out_ptr + row, ctx, mask=live)
         tl.store(pair_out_ptr + row, pair, mask=live)
+        # the context's distinct pair keys are keys[lo:hi]
+        tl.store(distinct_out_ptr + row, hi - lo, mask=live)
 
 
 def _lookup_triton(keys, cum, offsets, base, tokens, vocab_size):
     """Launch _ngram_lookup_kernel. keys: [T], cum: [T + K], offsets: [K + 1], base: [K, P] (context key * V),
-    tokens: [P]; all int64, contiguous, on one device. Returns (ctx, pair) int64 [K, P]."""
+    tokens: [P]; all int64, contiguous, on one device. Returns (ctx, pair, distinct) int64 [K, P]."""
     assert triton is not None, "triton is not installed"
     n_orders, n_pos = base.shape
     for t in (keys, cum, offsets, base, tokens):
         assert t.dtype == torch.int64 and t.is_contiguous() and t.device == base.device
     assert offsets.shape == (n_orders + 1,) and tokens.shape == (n_pos,) and cum.numel() == keys.numel() + n_orders
-    ctx, pair = torch.empty_like(base), torch.empty_like(base)
+    ctx, pair, distinct = torch.empty_like(base), torch.empty_like(base), torch.empty_like(base)
     grid = (triton.cdiv(n_pos, LOOKUP_BLOCK), n_orders)
-    _ngram_lookup_kernel[grid](keys, cum, offsets, base, tokens, ctx, pair, n_pos, vocab_size,
+    _ngram_lookup_kernel[grid](keys, cum, offsets, base, tokens, ctx, pair, distinct, n_pos, vocab_size,
                                BLOCK=LOOKUP_BLOCK, num_warps=LOOKUP_WARPS)
-    return ctx, pair
+    return ctx, pair, distinct
+
+
+def smoothed_probs(counts: ExpertCounts, vocab_size: int, discounts=0.75, method: str = "absolute") -> torch.Tensor:
+    """Each order's interpolated distribution at the target, float64 [K, P], every row a full distribution > 0.
+
+    counts: ExpertCounts with rows in ascending order; vocab_size: V. Row k backs off through rows < k down to
+    the uniform 1/V (the classical cache of Kneser & Ney's absolute discounting, without continuation counts):
+      absolute:    p_k(v) = (max(c(ctx, v) - D_k, 0) + D_k * u(ctx) * p_{k-1}(v)) / c(ctx)
+      witten_bell: p_k(v) = (c(ctx, v) + u(ctx) * p_{k-1}(v)) / (c(ctx) + u(ctx))
+    with u(ctx) = distinct continuations, and p_k = p_{k-1} where c(ctx) = 0. Sum over v: since every seen
+    token has c(ctx, v) >= 1 >= D_k, sum_v max(c - D, 0) = c(ctx) - D u(ctx), so each row sums to 1 exactly;
+    the target's value is all a score needs. discounts (absolute only), each in (0, 1]: a float, K floats (one
+    per order), or a float tensor [K, P] whose values depend only on the prefix (e.g. on the order and c(ctx),
+    never on the target), so that the same discount serves every candidate token.
+    """
+    if method not in ("absolute", "witten_bell"):
+        raise ValueError(f"method must be 'absolute' or 'witten_bell', got {method!r}")
+    n_orders = counts.context.shape[0]
+    if isinstance(discounts, torch.Tensor):
+        discounts = discounts.double().expand(counts.context.shape)
+        ok = bool(((discounts > 0) & (discounts <= 1)).all())
+    else:
+        discounts = [float(discounts)] * n_orders if np.isscalar(discounts) else [float(d) for d in discounts]
+        ok = len(discounts) == n_orders and all(0.0 < d <= 1.0 for d in discounts)
+    if not ok:
+        raise ValueError(f"discounts must be one float, {n_orders} floats or a [{n_orders}, P] tensor, "
+                         f"all in (0, 1]; got {discounts}")
+    lower = torch.full(counts.context.shape[1:], 1.0 / vocab_size, dtype=torch.float64, device=counts.pair.device)
+    rows = []
+    for k in range(n_orders):
+        c, pair, u = counts.context[k].double(), counts.pair[k].double(), counts.distinct[k].double()
+        seen = c > 0
+        if method == "absolute":
+            d = discounts[k]
+            mass = (pair - d).clamp(min=0) + d * u * lower
+            total = c
+        else:
+            mass, total = pair + u * lower, c + u
+        lower = torch.where(seen, mass / torch.where(seen, total, 1.0), lower)
+        rows.append(lower)
+    return torch.stack(rows)
+
+
+def expert_features(counts: ExpertCounts, orders) -> torch.Tensor:
+    """Prefix-only count features for the gate, float32 [P, 2K + 1]: per order log(1 + c(ctx)) and
+    log(1 + u(ctx)) (distinct continuations), then the longest order whose context was seen, divided by the
+    largest order (0 if none). counts: ExpertCounts [K, P]; orders: the K orders, ascending."""
+    orders_col = torch.tensor(orders, dtype=torch.float32, device=counts.context.device)[:, None]
+    longest = torch.where(counts.context > 0, orders_col, 0.0).amax(dim=0) / orders[-1]
+    return torch.cat([torch.log1p(counts.context.float()).T, torch.log1p(counts.distinct.float()).T,
+                      longest[:, None]], dim=1)
 
 
 def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neural_floor: float) -> torch.Tensor:

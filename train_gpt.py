@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import NgramTables, mixture_logprob, mixture_weights
+from ngram_mixer import (ExpertCounts, NgramTables, expert_features, mixture_logprob, mixture_weights,
+                         smoothed_probs)
 
 # -----------------------------
 # HYPERPARAMETERS
@@ -129,6 +130,8 @@ class Hyperparameters:
         self.ngram_neural_floor = float(os.environ.get("NGRAM_NEURAL_FLOOR", 0.05))
         self.ngram_loss_weight = float(os.environ.get("NGRAM_LOSS_WEIGHT", 0.1))
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
+        # Absolute discount of the smoothed experts (bench/experts_bench.py: fitted 0.871 on the sample's first 20%).
+        self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
 
         # Quantization + compression: per-row int matrices (embedding EMBED_BITS), GPTQ on training tokens, SDClip.
         self.quant_bits = int(os.environ.get("QUANT_BITS", 6))
@@ -205,6 +208,7 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
          f"NUM_HEADS={args.num_heads} must be a multiple of NUM_KV_HEADS={args.num_kv_heads}")
     need(args.ngram_max_order >= 2, f"NGRAM_MAX_ORDER={args.ngram_max_order} must be >= 2")
     need(0.0 <= args.ngram_neural_floor <= 1.0, f"NGRAM_NEURAL_FLOOR={args.ngram_neural_floor} must be in [0, 1]")
+    need(0.0 < args.ngram_discount <= 1.0, f"NGRAM_DISCOUNT={args.ngram_discount} must be in (0, 1]")
     need(args.logit_softcap > 0, f"LOGIT_SOFTCAP={args.logit_softcap} must be positive")
     need(args.iterations >= 0 and args.warmup_steps >= 0, "ITERATIONS and WARMUP_STEPS must be >= 0")
 
@@ -295,7 +299,9 @@ def build_optimizers(args: Hyperparameters, model: GPT) -> list[torch.optim.Opti
     adam_groups = [dict(params=[model.tok_emb.weight], lr=args.tied_embed_lr, weight_decay=args.embed_wd),
                    dict(params=scalar_params, lr=args.scalar_lr, weight_decay=0.0)]
     if model.gate is not None:
-        adam_groups.append(dict(params=list(model.gate.parameters()), lr=args.ngram_gate_lr, weight_decay=0.0))
+        gate_params = list(model.gate.parameters())
+        gate_params += list(model.gate_features.parameters()) if model.gate_features is not None else []
+        adam_groups.append(dict(params=gate_params, lr=args.ngram_gate_lr, weight_decay=0.0))
     optimizers = [torch.optim.AdamW(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused),
                   Muon(matrix_params, lr=args.matrix_lr, momentum=args.muon_momentum,
                        backend_steps=args.muon_backend_steps, row_normalize=args.muon_row_normalize,
@@ -603,8 +609,8 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: int, rope_base: float, logit_softcap: float, qk_gain_init: float,
                  tied_embed_init_std: float, num_experts: int = 0, neural_floor: float = 0.05,
-                 mixture_loss_weight: float = 0.1, negative_slope: float = 0.0, rope_dims: int = 0,
-                 ln_scale: bool = False, skip_gates: bool = False, parallel_residual_start: int = -1,
+                 mixture_loss_weight: float = 0.1, num_expert_features: int = 0, negative_slope: float = 0.0,
+                 rope_dims: int = 0, ln_scale: bool = False, skip_gates: bool = False, parallel_residual_start: int = -1,
                  xsa_last_n: int = 0, num_loops: int = 0, loop_start: int = 0, loop_end: int = -1):
         super().__init__()
         self.logit_softcap = logit_softcap
@@ -625,6 +631,9 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, model_dim)) if skip_gates else None
         self.final_norm = RMSNorm()
         self.gate = nn.Linear(model_dim, 1 + num_experts) if num_experts else None
+        # The experts' prefix-only count features (expert_inputs) shift the gate's logits.
+        self.gate_features = nn.Linear(num_expert_features, 1 + num_experts, bias=False) \
+            if num_experts and num_expert_features else None
         nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
@@ -634,6 +643,9 @@ class GPT(nn.Module):
             nn.init.zeros_(self.gate.weight)
             with torch.no_grad():
                 self.gate.bias.zero_()[0] = 2.0
+        if self.gate_features is not None:
+            # zero: training starts from the gate of h_t alone, as before the features existed
+            nn.init.zeros_(self.gate_features.weight)
 
     def set_recurrence(self, active: bool) -> None:
         """Switch depth recurrence on (the looped execution order) or off; torch.compile recompiles once."""
@@ -667,20 +679,26 @@ class GPT(nn.Module):
         logits = F.linear(h, self.tok_emb.weight).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
-    def gate_logits(self, h: Tensor) -> Tensor:  # [..., D] -> [..., 1 + K] float32
-        return self.gate(h).float()
+    def gate_logits(self, h: Tensor, features: Tensor | None = None) -> Tensor:
+        """[..., D] hidden states and [..., F] expert features (expert_inputs) -> [..., 1 + K] float32 logits."""
+        logits = self.gate(h).float()
+        if features is None or self.gate_features is None:
+            return logits
+        return logits + self.gate_features(features.to(self.gate_features.weight.dtype)).float()
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, expert_probs: Tensor | None = None,
-                expert_valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                expert_valid: Tensor | None = None, expert_features: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         """Training loss = neural CE + weight x mixture NLL. Returns (loss, neural CE, mixture NLL);
-        expert_probs / expert_valid are [K, B*T] for the targets, from n-gram counts that exclude them."""
+        expert_probs / expert_valid are [K, B*T] and expert_features [B*T, F] for the targets (expert_inputs),
+        from n-gram counts that exclude the targets and everything after them."""
         h = self.hidden(input_ids).reshape(-1, self.tok_emb.embedding_dim)
         # One log_softmax serves the CE and the mixture.
         neural_lp = self.logits(h).log_softmax(-1).gather(1, target_ids.reshape(-1, 1)).squeeze(1)
         ce = -neural_lp.mean()
         if expert_probs is None:
             return ce, ce.detach(), ce.detach()
-        weights = mixture_weights(self.gate_logits(h), expert_valid, self.neural_floor)
+        weights = mixture_weights(self.gate_logits(h, expert_features), expert_valid, self.neural_floor)
         mix_nll = -mixture_logprob(neural_lp, expert_probs, expert_valid, weights).mean()
         return ce + self.mixture_loss_weight * mix_nll, ce.detach(), mix_nll.detach()
 
@@ -689,7 +707,8 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
     return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
                args.rope_base, args.logit_softcap, args.qk_gain_init, args.tied_embed_init_std,
                num_experts=len(args.ngram_orders), neural_floor=args.ngram_neural_floor,
-               mixture_loss_weight=args.ngram_loss_weight, negative_slope=args.mlp_negative_slope,
+               mixture_loss_weight=args.ngram_loss_weight,
+               num_expert_features=expert_feature_count(len(args.ngram_orders)), negative_slope=args.mlp_negative_slope,
                rope_dims=args.rope_dims, ln_scale=args.ln_scale, skip_gates=args.skip_gates,
                parallel_residual_start=args.parallel_residual_start, xsa_last_n=args.xsa_last_n,
                num_loops=args.num_loops, loop_start=args.loop_start, loop_end=args.loop_end).to(device)
@@ -700,22 +719,46 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
 # -----------------------------
 
 
+def new_ngram_tables(args: Hyperparameters, device: torch.device) -> NgramTables:
+    """Empty count tables: the unigram (the smoothed experts' common base, not an expert itself) and the experts'
+    orders. Training prefills them; evaluation starts one empty (the cache)."""
+    return NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=device)
+
+
+def expert_feature_count(num_experts: int) -> int:
+    # log context count and log distinct continuations per expert, and the longest order seen
+    return 2 * num_experts + 1
+
+
 def expert_inputs(tables: NgramTables, stream: Tensor, positions: Tensor, min_count: int,
-                  targets: Tensor | None = None, exclude_self: bool | Tensor = False) -> tuple[Tensor, Tensor]:
-    """The experts' probabilities of each target: ([K, P] float32, [K, P] bool valid), the one place where n-gram
-    counts become probabilities (training, evaluation and the legality audit all call it). The target at t is
-    stream[t], or targets[p] when given (then the stream may end right before t). An expert is valid where its
-    context was seen at least `min_count` times; the gate ignores the others."""
-    context_count, pair_count = tables.lookup(stream, positions, targets=targets, exclude_self=exclude_self)
-    valid = context_count >= max(min_count, 1)
-    probs = torch.where(valid, pair_count.double() / context_count.clamp_min(1).double(), 0.0).float()
-    return probs, valid
+                  targets: Tensor | None = None, in_table: Tensor | None = None, *,
+                  discount: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The experts' inputs at each position: (p_k(target) [K, P] float32, valid [K, P] bool, features [P, F]
+    float32), the one place where n-gram counts become what the gate mixes (training, evaluation and the
+    legality audit all call it). Experts are the tables' orders >= 2.
+
+    Counts (NgramTables.counts): at evaluation, the cache holds stream[0:cache.num_tokens] and a target at t also
+    counts the chunk's own tokens before t; in training (in_table: [K_tables, L] bool, which of the stream's
+    n-grams the frozen tables hold) the table's own n-grams at or after t are left out, so the gate trains on
+    counts that look like the cache's. The target at t is stream[t], or targets[p] when given (then the stream may
+    end right before t, for the audit's candidate enumeration).
+    Expert k is the order-n interpolated absolute-discounting distribution backing off through the lower orders
+    to the uniform (ngram_mixer.smoothed_probs), a full distribution > 0 summing to 1. It is valid where its
+    context was seen at least `min_count` times; the gate ignores the others. Features depend on the context
+    only (never on the target), so they are the same for every candidate token."""
+    counts = tables.counts(stream, positions, targets, in_table=in_table)
+    experts = [k for k, n in enumerate(tables.orders) if n >= 2]
+    expert_counts = ExpertCounts(counts.context[experts], counts.pair[experts], counts.distinct[experts])
+    probs = smoothed_probs(counts, tables.vocab_size, discount)[experts].float()
+    valid = expert_counts.context >= max(min_count, 1)
+    features = expert_features(expert_counts, tuple(tables.orders[k] for k in experts))
+    return probs, valid, features
 
 
-def leave_one_out_mask(orders: tuple[int, ...], stream_positions: Tensor, prefill_tokens: int) -> Tensor:
-    """[K, P] bool: where the n-gram ending at these train-stream positions was counted into the frozen tables,
-    so its own occurrence must be subtracted. The tables hold stream[0:prefill_tokens]; an n-gram whose window
-    wraps past the end of the stream back to its start (position < n-1) was never counted."""
+def table_mask(orders: tuple[int, ...], stream_positions: Tensor, prefill_tokens: int) -> Tensor:
+    """[K, L] bool: where the n-gram ending at these train-stream positions was counted into the frozen tables.
+    The tables hold stream[0:prefill_tokens]; an n-gram whose window wraps past the end of the stream back to its
+    start (position < n-1) was never counted."""
     order = torch.tensor(orders, device=stream_positions.device)[:, None]
     return (stream_positions < prefill_tokens)[None, :] & (stream_positions[None, :] >= order - 1)
 
@@ -757,6 +800,7 @@ class EvalSetup:
     world_size: int
     min_count: int = 2
     autocast: object = nullcontext
+    ngram_discount: float = 0.87
     # Every target TTT has learned from is < this index; scoring a target at or above it would be a C3 breach.
     ttt_trained_until: int = 0
 
@@ -780,9 +824,10 @@ def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tenso
     cache), from hidden states h [P, D] and the neural log-probabilities of the targets [P]."""
     if cache is None:
         return neural_lp, None
-    probs, valid = expert_inputs(cache, stream, positions, setup.min_count, targets)
+    probs, valid, features = expert_inputs(cache, stream, positions, setup.min_count, targets,
+                                           discount=setup.ngram_discount)
     with setup.autocast():
-        gate_logits = setup.model.gate_logits(h)
+        gate_logits = setup.model.gate_logits(h, features)
     weights = mixture_weights(gate_logits, valid, setup.model.neural_floor)
     return mixture_logprob(neural_lp, probs, valid, weights), weights
 
@@ -1002,7 +1047,7 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
     (it is identical on all ranks); nothing of a chunk reaches the cache or the weights before it is scored."""
     tokens, device = setup.tokens, setup.tokens.device
     # TTT adapts every transformer weight; the gate has no CE gradient and stays as trained.
-    params = [p for name, p in setup.model.named_parameters() if not name.startswith("gate.")]
+    params = [p for name, p in setup.model.named_parameters() if not name.startswith(("gate.", "gate_features."))]
     optimizer = torch.optim.SGD(params, lr=ttt.lr, momentum=ttt.momentum) if ttt.epochs > 0 else None
     for p in params:
         # Dense zero grads on every rank, even one without sequences in a chunk, so the all-reduce always matches.
@@ -1387,7 +1432,8 @@ def build_eval_setup(run: Run, model: GPT, stride: int) -> EvalSetup:
     hidden_fn = torch.compile(model.hidden) if run.compile_model else model.hidden
     windows_per_batch = max(1, run.args.val_batch_size // (run.world_size * run.args.train_seq_len))
     return EvalSetup(model, hidden_fn, run.val_tokens, run.luts, run.args.train_seq_len, stride, windows_per_batch,
-                     run.rank, run.world_size, run.args.ngram_min_count, run.autocast)
+                     run.rank, run.world_size, run.args.ngram_min_count, run.autocast,
+                     ngram_discount=run.args.ngram_discount)
 
 
 
@@ -1399,7 +1445,7 @@ def prefill_tables(run: Run, train_files: list[Path]) -> tuple[NgramTables | Non
         return None, 0
     stream = TokenStream(train_files, args.vocab_size)
     prefill_tokens = min(args.ngram_prefill_tokens, stream.total_tokens)
-    tables = NgramTables(args.vocab_size, args.ngram_orders, device=run.device)
+    tables = new_ngram_tables(args, run.device)
     # Pieces of 64M tokens bound the sort's temporary memory; chunked extends give identical tables.
     for begin in range(0, prefill_tokens, 1 << 26):
         tables.extend(stream.take(min(1 << 26, prefill_tokens - begin)).to(run.device, torch.int64))
@@ -1425,23 +1471,25 @@ def train_step(run: Run, trainer: Trainer) -> Tensor:
     args, loader = run.args, trainer.loader
     stats = torch.zeros(3, device=run.device)
     segment, segment_position = loader.next_step()
-    probs = valid = None
+    experts = None
     if trainer.tables is not None:
-        stream_positions = (segment_position + trainer.lookup_positions) % loader.stream.total_tokens
-        probs, valid = expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
-                                     exclude_self=leave_one_out_mask(args.ngram_orders, stream_positions,
-                                                                     trainer.prefill_tokens))
+        # the segment's n-grams the frozen tables hold leave from t on; the others join before t (expert_inputs)
+        stream_positions = (segment_position + torch.arange(len(segment), device=segment.device)) % \
+            loader.stream.total_tokens
+        experts = expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
+                                in_table=table_mask(trainer.tables.orders, stream_positions, trainer.prefill_tokens),
+                                discount=args.ngram_discount)
     local_tokens = loader.span - 1
     n_micro = len(loader.span_starts)
     for micro_step, start in enumerate(loader.span_starts):
         local = segment[start:start + loader.span]
         x, y = local[:-1].reshape(-1, args.train_seq_len), local[1:].reshape(-1, args.train_seq_len)
         micro = slice(micro_step * local_tokens, (micro_step + 1) * local_tokens)
-        experts = (probs[:, micro], valid[:, micro]) if probs is not None else (None, None)
+        micro_experts = (experts[0][:, micro], experts[1][:, micro], experts[2][micro]) if experts else ()
         if run.distributed:
             trainer.model.require_backward_grad_sync = micro_step == n_micro - 1
         with run.autocast():
-            loss, ce, mix_nll = trainer.model(x, y, *experts)
+            loss, ce, mix_nll = trainer.model(x, y, *micro_experts)
         # Averaging over micro-batches (and DDP over ranks) gives the gradient of the global batch mean.
         (loss / n_micro).backward()
         stats += torch.stack((loss.detach(), ce, mix_nll)).float() / n_micro
@@ -1607,7 +1655,7 @@ def evaluate_artifact(run: Run, path: Path) -> None:
             audit = LegalityAudit(sample_audit_positions(len(run.val_tokens), args.audit_positions, args.seed,
                                                          run.device), args.seed)
         # A fresh cache: the training-time tables are never consulted at evaluation.
-        cache = NgramTables(args.vocab_size, args.ngram_orders, device=run.device) if args.ngram_orders else None
+        cache = new_ngram_tables(args, run.device) if args.ngram_orders else None
         ttt = TTTConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
                         args.ttt_grad_clip)
         result = eval_ngram_ttt(setup, chunk_bounds(len(run.val_tokens), args.eval_chunk_tokens), cache, ttt,

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # the same key hashing as the exact tables, so the two differ only in how they count
-from ngram_mixer import _as_ids, _columns, _context_keys, _mix64  # noqa: E402
+from ngram_mixer import ExpertCounts, _as_ids, _columns, _context_keys, _mix64  # noqa: E402
 
 
 class BucketedTables:
@@ -67,6 +67,16 @@ class BucketedTables:
         ctx, pair = self._bucket_counts(stream, positions, targets)
         seen = positions >= torch.tensor(self.orders, device=self.device)[:, None] - 1
         return ctx * seen, torch.minimum(pair, ctx) * seen
+
+    def counts(self, stream: torch.Tensor, positions: torch.Tensor, targets=None, chunk_start=None, in_table=None):
+        """PR #834's bucket counts in the form of NgramTables.counts, so train_gpt's expert_inputs can score with
+        them: context = the context bucket, pair = min(pair bucket, context bucket), distinct = 0 (it keeps
+        none). The smoothed expert is then max(pair - D, 0) / context, its ratio less the discount: still far
+        above 1 summed over the vocabulary. No within-chunk counts (PR #834 had none)."""
+        if in_table is not None:
+            raise ValueError("BucketedTables only reproduces the evaluation cache; it has no training view")
+        context, pair = self.lookup(stream, positions, targets)
+        return ExpertCounts(context, pair, torch.zeros_like(context))
 
     def distribution(self, context: torch.Tensor) -> torch.Tensor:
         """The scores of every token after context, float64 [K, V]; rows sum far above 1 (that is the point)."""

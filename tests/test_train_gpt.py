@@ -18,7 +18,7 @@ def tiny_model(num_experts=0, seed=0):
     torch.manual_seed(seed)
     return tg.GPT(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
                   rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5, tied_embed_init_std=0.05,
-                  num_experts=num_experts)
+                  num_experts=num_experts, num_expert_features=tg.expert_feature_count(num_experts))
 
 
 def make_setup(model, tokens, seq_len, stride, windows_per_batch=3, rank=0, world_size=1):

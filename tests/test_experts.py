@@ -1,0 +1,195 @@
+"""Tests for the stronger experts of ngram_mixer.py: within-chunk counts (NgramTables.counts) against a
+brute-force Python reference, the two forms of the causal audit (candidate enumeration, future perturbation),
+smoothed distributions summing to 1, leave-one-out, features, and the Triton kernel's distinct counts (CPU).
+
+    python -m pytest -q tests/test_experts.py
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+import ngram_mixer as nm  # noqa: E402
+from ngram_mixer import ExpertCounts, NgramTables, expert_features, smoothed_probs  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# order 1 (unigram), packed orders, and for V = 1024 hashed ones (7 and beyond)
+ORDERS = (1, 2, 3, 5, 7, 9)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def repetitive_stream(vocab_size, length, seed):
+    """Random tokens with copied spans, so long contexts recur inside one chunk and across chunks."""
+    gen = torch.Generator().manual_seed(seed)
+    stream = torch.randint(0, vocab_size, (length,), generator=gen)
+    for _ in range(length // 100):
+        src, dst = torch.randint(0, length - 40, (2,), generator=gen).tolist()
+        if dst > src:
+            stream[dst:dst + 30] = stream[src:src + 30].clone()
+    return stream
+
+
+def reference_counts(stream, t, target, n, upto=None):
+    """(context, pair, distinct) of the n-grams ending at q < upto (default t) in the list `stream`, for the
+    context before t."""
+    if t < n - 1:
+        return 0, 0, 0
+    context, pair, followers = 0, 0, set()
+    want = tuple(stream[t - n + 1:t])
+    for q in range(n - 1, t if upto is None else upto):
+        if tuple(stream[q - n + 1:q]) == want:
+            context += 1
+            pair += stream[q] == target
+            followers.add(stream[q])
+    return context, pair, len(followers)
+
+
+def as_tuples(counts, k, p):
+    return int(counts.context[k, p]), int(counts.pair[k, p]), int(counts.distinct[k, p])
+
+
+@pytest.mark.parametrize("vocab_size,cached", [(5, 0), (5, 700), (1024, 1500)])
+def test_counts_see_the_cache_and_the_chunks_earlier_tokens_only(sample_val_tokens, vocab_size, cached):
+    stream = repetitive_stream(vocab_size, 2400, seed=vocab_size) if vocab_size < 1024 else sample_val_tokens[:2400]
+    tables = NgramTables(vocab_size, ORDERS)
+    tables.extend(stream[:cached])
+    positions = torch.arange(cached, stream.numel(), 7)
+    counts = tables.counts(stream, positions)
+    as_list = stream.tolist()
+    for p, t in enumerate(positions.tolist()):
+        for k, n in enumerate(ORDERS):
+            assert as_tuples(counts, k, p) == reference_counts(as_list, t, as_list[t], n), (t, n)
+    assert (counts.context[-1] > 0).any() and (counts.distinct <= counts.context).all()
+
+
+def test_chunked_counts_equal_one_whole_stream_call(sample_val_tokens):
+    stream = sample_val_tokens[:30_000]
+    whole = NgramTables(1024, ORDERS).counts(stream, torch.arange(1, stream.numel()), chunk_start=0)
+    tables, parts = NgramTables(1024, ORDERS), []
+    bounds = [1, 2, 9, 1000, 1003, 12_000, 30_000]
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        parts.append(tables.counts(stream, torch.arange(first, end)))
+        tables.extend(stream[tables.num_tokens:end])
+    for field in ("context", "pair", "distinct"):
+        assert torch.equal(getattr(whole, field), torch.cat([getattr(p, field) for p in parts], dim=1)), field
+    # with chunk_start past every target only the table is read: fewer counts than every earlier token
+    table_only = tables.counts(stream, torch.arange(20_000, 21_000), chunk_start=stream.numel())
+    assert torch.equal(table_only.context, tables.counts(stream[:21_000], torch.arange(20_000, 21_000)).context)
+
+
+@pytest.mark.parametrize("method", ["absolute", "witten_bell"])
+def test_candidate_enumeration_sums_to_one_and_matches_the_score(sample_val_tokens, method):
+    stream, vocab = sample_val_tokens[:9000], 1024
+    tables = NgramTables(vocab, ORDERS)
+    tables.extend(stream[:6000])
+    for t in (6000, 6001, 7777, 8999):
+        # the audit's form: the stream ends right before t, targets are every token
+        cand = tables.counts(stream[:t], torch.full((vocab,), t), targets=torch.arange(vocab))
+        dist = smoothed_probs(cand, vocab, 0.8, method)
+        assert ((dist.sum(dim=1) - 1).abs() <= 1e-12).all() and (dist > 0).all()
+        scored = smoothed_probs(tables.counts(stream, torch.tensor([t])), vocab, 0.8, method)[:, 0]
+        assert torch.allclose(dist[:, stream[t]], scored, rtol=0, atol=1e-15)
+        assert (cand.distinct[:, 0] == (cand.pair > 0).sum(dim=1)).all()
+        assert (cand.context[:, 0] == cand.pair.sum(dim=1)).all()
+
+
+def test_future_perturbation_changes_nothing(sample_val_tokens):
+    stream = sample_val_tokens[:12_000]
+    tables = NgramTables(1024, ORDERS)
+    tables.extend(stream[:8000])
+    gen = torch.Generator().manual_seed(3)
+    for t in (8000, 8500, 11_000):
+        perturbed = stream.clone()
+        perturbed[t + 1:] = torch.randint(0, 1024, (stream.numel() - t - 1,), generator=gen)
+        # positions after t pull the perturbed tokens into the chunk's events; the score at t must not see them
+        positions = torch.tensor([t, stream.numel() - 1])
+        a, b = tables.counts(stream, positions), tables.counts(perturbed, positions)
+        for field in ("context", "pair", "distinct"):
+            assert torch.equal(getattr(a, field)[:, 0], getattr(b, field)[:, 0]), (t, field)
+        assert not torch.equal(a.pair[:, 1], b.pair[:, 1]) or not torch.equal(a.context[:, 1], b.context[:, 1])
+
+
+@pytest.mark.parametrize("held", [(0, 800), (0, 500), (300, 800)])
+def test_training_view_is_the_table_without_later_ngrams_plus_earlier_ones(held):
+    # the table holds stream[held[0]:held[1]] (the training stream's prefilled part); positions inside it see the
+    # table minus the n-grams at or after t, positions outside see the table plus the stream's earlier n-grams
+    stream = repetitive_stream(4, 800, seed=9)
+    tables = NgramTables(4, ORDERS)
+    for piece in torch.split(stream[held[0]:held[1]], [3, 97, held[1] - held[0] - 100]):
+        tables.extend(piece)
+    order_col = torch.tensor(ORDERS)[:, None]
+    q = torch.arange(stream.numel())
+    in_table = (q >= held[0] + order_col - 1) & (q < held[1])
+    positions = torch.tensor([0, 3, 200, 301, 310, 555, 799])
+    got = tables.counts(stream, positions, in_table=in_table)
+    as_list = stream.tolist()
+    for p, t in enumerate(positions.tolist()):
+        for k, n in enumerate(ORDERS):
+            # every n-gram of the table is one of the stream's own, so the view is the stream's n-grams before t
+            assert as_tuples(got, k, p) == reference_counts(as_list, t, as_list[t], n), (held, t, n)
+    with pytest.raises(ValueError, match="not in the table"):
+        NgramTables(4, ORDERS).counts(stream, positions, in_table=in_table)
+    with pytest.raises(ValueError, match="in_table must be bool"):
+        tables.counts(stream, positions, in_table=in_table[:, :10])
+
+
+def test_smoothed_rows_back_off_and_reject_bad_settings():
+    counts = ExpertCounts(torch.tensor([[10], [0], [4]]), torch.tensor([[3], [0], [4]]), torch.tensor([[5], [0], [1]]))
+    probs = smoothed_probs(counts, 16, 0.5)
+    first = (3 - 0.5 + 0.5 * 5 / 16) / 10
+    assert torch.allclose(probs[:, 0], torch.tensor([first, first, (4 - 0.5 + 0.5 * first) / 4], dtype=torch.float64))
+    wb = smoothed_probs(counts, 16, method="witten_bell")
+    assert torch.isclose(wb[0, 0], torch.tensor((3 + 5 / 16) / 15, dtype=torch.float64))
+    for kwargs in (dict(discounts=0.0), dict(discounts=1.5), dict(discounts=(0.5, 0.5)), dict(method="kn")):
+        with pytest.raises(ValueError):
+            smoothed_probs(counts, 16, **kwargs)
+    tables = NgramTables(16, (1, 2))
+    with pytest.raises(ValueError, match="targets has shape"):
+        tables.counts(torch.arange(5), torch.tensor([5, 5]), targets=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"positions\[0\] = 5"):
+        tables.counts(torch.arange(5), torch.tensor([5]))
+
+
+def test_features_are_log_counts_and_the_longest_seen_order():
+    counts = ExpertCounts(torch.tensor([[7, 0], [3, 0], [0, 0]]), torch.zeros(3, 2, dtype=torch.int64),
+                          torch.tensor([[4, 0], [2, 0], [0, 0]]))
+    feats = expert_features(counts, (1, 2, 4))
+    assert feats.shape == (2, 7) and feats.dtype == torch.float32
+    assert torch.allclose(feats[0, :6], torch.log1p(torch.tensor([7.0, 3, 0, 4, 2, 0])))
+    assert feats[0, 6] == 0.5 and feats[1].abs().sum() == 0
+
+
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or CUDA")
+def test_triton_counts_match_torch(sample_val_tokens):
+    device = "cpu" if INTERPRETED else "cuda"
+    stream = sample_val_tokens[:1500].to(device)
+    tables = NgramTables(1024, ORDERS, device=device, backend="triton")
+    tables.extend(stream[:1000])
+    positions = torch.arange(1, 1500, device=device)
+    got = tables.counts(stream, positions)
+    tables.backend = "torch"
+    expect = tables.counts(stream, positions)
+    for field in ("context", "pair", "distinct"):
+        assert torch.equal(getattr(got, field), getattr(expect, field)), field
+    assert expect.distinct.sum() > 0
+
+
+def test_triton_counts_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "test_triton_counts_match_torch"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
