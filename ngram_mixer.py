@@ -44,10 +44,12 @@ three binary searches per (order, position): lower bound of ctx_key*V, upper bou
 bound of the pair key.
 """
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 try:
     import triton
@@ -336,8 +338,9 @@ class NgramTables:
         context = stream[t-n+1:t], token = stream[t]; t < n-1 gives (0, 0). targets: optional [P] int, ids in
         [0, V), the tokens to count instead of stream[positions]; then positions may equal L, so a stream that
         ends right before t can be asked about every candidate token at t (the legality audit). exclude_self:
-        bool, or bool tensor broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is subtracted from both
-        counts (leave-one-out, for streams extended into the table); ValueError if it is not in the table.
+        bool, or bool tensor broadcastable to [K, P]; where true (and t >= n-1) the occurrence at t itself is
+        subtracted from both counts (leave-one-out, for streams extended into the table); ValueError if it is
+        not in the table.
         Returns (context_count, pair_count), int64 [K, P], context_count = sum over tokens of pair_count.
         """
         stream = _as_ids(stream, "stream", self.vocab_size, self.device)
@@ -513,6 +516,15 @@ class NgramTables:
             out[k, keys[lo:hi] - base] = counts / counts.sum()
         return out
 
+    def check_holds_only_before(self, stream: torch.Tensor, first: int) -> None:
+        """RuntimeError unless the tables hold a prefix of `stream` ([N] int64) that ends at or before `first`: the
+        evaluation calls this before scoring targets from `first`, as a table may only hold scored tokens. The
+        count and the kept tail are checked, so a chunk added shifted (PR #834's boundary bug) is caught too."""
+        held = self.num_tokens
+        if held > first or not torch.equal(self.tail, stream[max(0, held - self.tail.numel()):held]):
+            raise RuntimeError(f"causality violated: scoring targets from {first} with a cache of {held} tokens "
+                               "whose last tokens are not the val stream's (the cache may only hold scored tokens)")
+
     def nbytes(self) -> int:
         """Bytes held by the tables (keys, running counts, offsets, stream tail)."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.cum, self.key_offsets, self.tail))
@@ -631,6 +643,44 @@ def expert_features(counts: ExpertCounts, orders) -> torch.Tensor:
                       longest[:, None]], dim=1)
 
 
+def expert_feature_count(num_experts: int) -> int:
+    # log context count and log distinct continuations per expert, and the longest order seen
+    return 2 * num_experts + 1
+
+
+def expert_inputs(tables: NgramTables, stream: torch.Tensor, positions: torch.Tensor, min_count: int,
+                  targets: torch.Tensor | None = None, in_table: torch.Tensor | None = None, *,
+                  discount: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts' inputs at each position: (p_k(target) [K, P] float32, valid [K, P] bool, features [P, F]
+    float32), the one place where n-gram counts become what the gate mixes (training, evaluation and the
+    legality audit all call it). Experts are the tables' orders >= 2.
+
+    Counts (NgramTables.counts): at evaluation, the cache holds stream[0:cache.num_tokens] and a target at t also
+    counts the chunk's own tokens before t; in training (in_table: [K_tables, L] bool, which of the stream's
+    n-grams the frozen tables hold) the table's own n-grams at or after t are left out, so the gate trains on
+    counts that look like the cache's. The target at t is stream[t], or targets[p] when given (then the stream may
+    end right before t, for the audit's candidate enumeration).
+    Expert k is the order-n interpolated absolute-discounting distribution backing off through the lower orders
+    to the uniform (ngram_mixer.smoothed_probs), a full distribution > 0 summing to 1. It is valid where its
+    context was seen at least `min_count` times; the gate ignores the others. Features depend on the context
+    only (never on the target), so they are the same for every candidate token."""
+    counts = tables.counts(stream, positions, targets, in_table=in_table)
+    experts = [k for k, n in enumerate(tables.orders) if n >= 2]
+    expert_counts = ExpertCounts(counts.context[experts], counts.pair[experts], counts.distinct[experts])
+    probs = smoothed_probs(counts, tables.vocab_size, discount)[experts].float()
+    valid = expert_counts.context >= max(min_count, 1)
+    features = expert_features(expert_counts, tuple(tables.orders[k] for k in experts))
+    return probs, valid, features
+
+
+def table_mask(orders: tuple[int, ...], stream_positions: torch.Tensor, prefill_tokens: int) -> torch.Tensor:
+    """[K, L] bool: where the n-gram ending at these train-stream positions was counted into the frozen tables.
+    The tables hold stream[0:prefill_tokens]; an n-gram whose window wraps past the end of the stream back to its
+    start (position < n-1) was never counted."""
+    order = torch.tensor(orders, device=stream_positions.device)[:, None]
+    return (stream_positions < prefill_tokens)[None, :] & (stream_positions[None, :] >= order - 1)
+
+
 def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neural_floor: float) -> torch.Tensor:
     """Mixing weights float32 (float64 for float64 gate logits) [P, 1+K], column 0 neural, rows summing to 1.
 
@@ -667,3 +717,93 @@ def mixture_logprob(neural_logprob, expert_probs, expert_valid, weights):
     some = experts > 0
     log_experts = torch.where(some, torch.log(torch.where(some, experts, 1.0)), float("-inf"))
     return torch.logaddexp(neural, log_experts)
+
+
+# -----------------------------
+# LEGALITY AUDIT
+# -----------------------------
+# Bounds: |sum_v p(v) - 1| (float32 scores summed in float64 stay near 1e-7), and the log-probability gaps, gold vs
+# scored and true vs perturbed future (0 up to float32 rounding when the scores are valid).
+AUDIT_MAX_SUM_ERR = 1e-4
+AUDIT_MAX_LOGP_ERR = 1e-5
+
+
+class LegalityAudit:
+    """Checks, at given val targets, that the score is a probability computed from the prefix alone:
+    - normalization: the production rule applied to every candidate token v at t (the stream cut right before t,
+      so the experts' validity is recomputed per candidate) sums to 1 (max_abs_sum_err), and its value at the
+      gold token equals the scored log-probability (max_gold_logp_err);
+    - causality: t's window re-scored through the production rule with every token after t replaced by random ids
+      gives the same log-probability (max_future_logp_delta). Both windows run with identical shapes, so the
+      delta is exactly 0 unless the score reads the future.
+    It cannot see a leak through state (the cache, TTT): the evaluation checks those invariants on every chunk."""
+
+    def __init__(self, positions: torch.Tensor, seed: int):
+        """positions: [A] int64 val targets to audit (the same on every rank); seed: the future's random ids."""
+        self.positions = positions
+        self.generator = torch.Generator(device=positions.device).manual_seed(seed)
+        self.count, self.sum_err, self.gold_err, self.future_delta, self.time_ms = 0, 0.0, 0.0, 0.0, 0.0
+
+    def check(self, score, forward, tokens, seq_len: int, windows, positions, h, log_probs, scored_lp) -> None:
+        """Audit the targets of one scored batch that are in `positions`.
+
+        score(h [P, D], neural_lp [P], stream, positions [P], targets [P] | None) -> (log p [P], weights): the
+        production scoring rule. forward(stream, start, lo, hi) -> (positions, h, log_probs [P, V]): the model on
+        windows [start, start + seq_len) scoring targets lo <= t < hi. tokens: [N] int64 val stream; windows:
+        (start, lo, hi) of the batch; positions [P], h [P, D], log_probs [P, V], scored_lp [P]: what it scored."""
+        vocab = log_probs.size(1)
+        rows = torch.nonzero(torch.isin(positions, self.positions)).flatten()
+        if len(rows) == 0:
+            return
+        t0 = time.perf_counter()
+        candidates = torch.arange(vocab, device=tokens.device)
+        segments, perturbed_streams = [], []
+        for row in rows.tolist():
+            t = int(positions[row])
+            candidate_lp, _ = score(h[row].expand(vocab, -1), log_probs[row], tokens[:t],
+                                    torch.full((vocab,), t, device=tokens.device), candidates)
+            self.sum_err = max(self.sum_err, abs(float(candidate_lp.double().exp().sum()) - 1.0))
+            self.gold_err = max(self.gold_err, abs(float(candidate_lp[tokens[t]]) - float(scored_lp[row])))
+            # t's window, cut out of the true stream and of a copy whose tokens after t are random
+            start, lo, hi = windows
+            first = int(start[torch.nonzero((lo <= t) & (t < hi))[0, 0]])
+            end = min(first + seq_len + 1, len(tokens))
+            perturbed = tokens[:end].clone()
+            perturbed[t + 1:] = torch.randint(0, vocab, (end - t - 1,), generator=self.generator,
+                                              device=tokens.device)
+            perturbed_streams.append(perturbed)
+            segments += [(tokens[first:end], t - first), (perturbed[first:end], t - first)]
+        # all true and perturbed windows in one call, so both of a pair run through identical kernels
+        offsets = torch.tensor([0] + [len(seg) for seg, _ in segments], device=tokens.device).cumsum(0)
+        target = offsets[:-1] + torch.tensor([at for _, at in segments], device=tokens.device)
+        _, seg_h, seg_log_probs = forward(torch.cat([seg for seg, _ in segments]), offsets[:-1], target, target + 1)
+        for i, row in enumerate(rows.tolist()):
+            t = positions[row:row + 1]
+            pair_lp = [score(seg_h[k:k + 1], seg_log_probs[k, tokens[t]], stream, t, None)[0]
+                       for k, stream in ((2 * i, tokens), (2 * i + 1, perturbed_streams[i]))]
+            self.future_delta = max(self.future_delta, float((pair_lp[0] - pair_lp[1]).abs().max()))
+        self.count += len(rows)
+        self.time_ms += 1000.0 * (time.perf_counter() - t0)  # the float() reads above synchronize the device
+
+    @classmethod
+    def sampled(cls, n_tokens: int, count: int, seed: int, device) -> "LegalityAudit":
+        """An audit of `count` random targets in [1, n_tokens), the same on every rank for the same seed."""
+        generator = torch.Generator().manual_seed(seed)
+        return cls(torch.unique(torch.randint(1, n_tokens, (count,), generator=generator)).to(device), seed)
+
+    def reduce(self) -> tuple[int, float, float, float]:
+        """(positions, max_abs_sum_err, max_gold_logp_err, max_future_logp_delta) over all ranks."""
+        stats = torch.tensor([self.sum_err, self.gold_err, self.future_delta], dtype=torch.float64,
+                             device=self.positions.device)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=stats.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(count)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        return int(count[0]), *stats.tolist()
+
+
+def audit_fails(stats) -> bool:
+    """stats: LegalityAudit.reduce()'s (positions, max_abs_sum_err, max_gold_logp_err, max_future_logp_delta)."""
+    count, sum_err, gold_err, future_delta = stats
+    return count == 0 or sum_err > AUDIT_MAX_SUM_ERR or gold_err > AUDIT_MAX_LOGP_ERR or \
+        future_delta > AUDIT_MAX_LOGP_ERR

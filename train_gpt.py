@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import (ExpertCounts, NgramTables, expert_features, mixture_logprob, mixture_weights,
-                         smoothed_probs)
+from ngram_mixer import (LegalityAudit, NgramTables, audit_fails, expert_feature_count, expert_inputs,
+                         mixture_logprob, mixture_weights, table_mask)
 
 # -----------------------------
 # HYPERPARAMETERS
@@ -63,7 +63,6 @@ class Hyperparameters:
         self.tokenizer_path = os.environ.get("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model")
         self.run_id = os.environ.get("RUN_ID", "")
         self.seed = int(os.environ.get("SEED", 1337))
-
         # Training length and batch.
         self.iterations = int(os.environ.get("ITERATIONS", 20000))
         self.max_wallclock_seconds = float(os.environ.get("MAX_WALLCLOCK_SECONDS", 600.0))
@@ -79,7 +78,6 @@ class Hyperparameters:
         self.val_batch_size = int(os.environ.get("VAL_BATCH_SIZE", 524_288))
         self.val_max_tokens = int(os.environ.get("VAL_MAX_TOKENS", 0))
         self.compile = bool(int(os.environ.get("COMPILE", 1)))
-
         # Model shape.
         self.vocab_size = int(os.environ.get("VOCAB_SIZE", 8192))
         self.num_layers = int(os.environ.get("NUM_LAYERS", 11))
@@ -91,19 +89,18 @@ class Hyperparameters:
         self.logit_softcap = float(os.environ.get("LOGIT_SOFTCAP", 30.0))
         self.qk_gain_init = float(os.environ.get("QK_GAIN_INIT", 5.25))
         self.tied_embed_init_std = float(os.environ.get("TIED_EMBED_INIT_STD", 0.005))
-
         # Model stack (0 / -1 switch each part off; all off = the baseline's block).
         self.mlp_negative_slope = float(os.environ.get("MLP_NEGATIVE_SLOPE", 0.5))  # LeakyReLU(slope)^2; 0 = relu^2
         self.rope_dims = int(os.environ.get("ROPE_DIMS", 16))  # rotate only the first ROPE_DIMS of each head; 0 = all
         self.ln_scale = bool(int(os.environ.get("LN_SCALE", 1)))  # block inputs scaled by 1/sqrt(layer + 1)
         self.skip_gates = bool(int(os.environ.get("SKIP_GATES", 1)))  # sigmoid-gated U-net skips instead of additive
-        self.parallel_residual_start = int(os.environ.get("PARALLEL_RESIDUAL_START", 7))  # first parallel block; -1 = none
+        # first parallel block; -1 = none
+        self.parallel_residual_start = int(os.environ.get("PARALLEL_RESIDUAL_START", 7))
         self.xsa_last_n = int(os.environ.get("XSA_LAST_N", 11))  # exclusive self-attention in the last N blocks
         self.num_loops = int(os.environ.get("NUM_LOOPS", 2))  # extra passes over blocks LOOP_START..LOOP_END
         self.loop_start = int(os.environ.get("LOOP_START", 3))
         self.loop_end = int(os.environ.get("LOOP_END", 5))
         self.enable_looping_at = float(os.environ.get("ENABLE_LOOPING_AT", 0.35))  # fraction of the run before looping
-
         # Optimizer: Muon for block matrices, Adam for the embedding, scalars and the gate.
         self.tied_embed_lr = float(os.environ.get("TIED_EMBED_LR", 0.05))
         self.matrix_lr = float(os.environ.get("MATRIX_LR", 0.022))
@@ -121,7 +118,6 @@ class Hyperparameters:
         self.beta2 = float(os.environ.get("BETA2", 0.95))
         self.adam_eps = float(os.environ.get("ADAM_EPS", 1e-8))
         self.grad_clip_norm = float(os.environ.get("GRAD_CLIP_NORM", 0.0))
-
         # N-gram mixer: frozen tables from training tokens during training, a score-then-update cache at eval.
         self.ngram = bool(int(os.environ.get("NGRAM", 1)))
         self.ngram_max_order = int(os.environ.get("NGRAM_MAX_ORDER", 7))
@@ -132,7 +128,6 @@ class Hyperparameters:
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
         # Absolute discount of the smoothed experts (bench/experts_bench.py: fitted 0.871 on the sample's first 20%).
         self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
-
         # Quantization + compression: per-row int matrices (embedding EMBED_BITS), GPTQ on training tokens, SDClip.
         self.quant_bits = int(os.environ.get("QUANT_BITS", 6))
         self.embed_bits = int(os.environ.get("EMBED_BITS", 8))
@@ -140,7 +135,6 @@ class Hyperparameters:
         self.matrix_clip_sigmas = float(os.environ.get("MATRIX_CLIP_SIGMAS", 12.85))  # SDClip k; 0 = clip at abs max
         self.embed_clip_sigmas = float(os.environ.get("EMBED_CLIP_SIGMAS", 20.0))
         self.compressor = os.environ.get("COMPRESSOR", "best")  # zstd, lzma, brotli, or best (smallest of the three)
-
         # Evaluation, test-time training.
         self.eval_stride = int(os.environ.get("EVAL_STRIDE", 64))
         self.eval_chunk_tokens = int(os.environ.get("EVAL_CHUNK_TOKENS", 32768))
@@ -166,10 +160,6 @@ class Hyperparameters:
 # and so the losses, independent of how many processes share the work (as in the challenge baseline).
 MICRO_BATCHES_PER_STEP = 8
 ARTIFACT_CAP_BYTES = 16_000_000
-# Legality audit bounds: |sum_v p(v) - 1| (float32 scores summed in float64 stay near 1e-7) and the log-probability
-# gaps, gold vs scored and true vs perturbed future (0 up to float32 rounding when the scores are valid).
-AUDIT_MAX_SUM_ERR = 1e-4
-AUDIT_MAX_LOGP_ERR = 1e-5
 
 
 def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
@@ -601,17 +591,16 @@ def virtual_layers(num_layers: int, num_loops: int, loop_start: int, loop_end: i
 
 
 class GPT(nn.Module):
-    """The baseline GPT (U-net skips between the first and second half of the layers, tied embeddings,
-    tanh logit soft-cap) with the record stack's switches (see Hyperparameters) plus, when `num_experts` > 0,
-    a gate Linear(model_dim -> 1 + num_experts) that weighs the neural distribution (slot 0) against the n-gram
-    experts. Depth recurrence reuses blocks and is switched on mid-run with set_recurrence(True)."""
+    """The baseline GPT (U-net skips, tied embeddings, tanh soft-cap) with the record stack's switches, and with
+    `num_experts` > 0 a gate Linear(model_dim -> 1 + num_experts) over the neural slot 0 and the n-gram experts."""
 
     def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
                  mlp_mult: int, rope_base: float, logit_softcap: float, qk_gain_init: float,
                  tied_embed_init_std: float, num_experts: int = 0, neural_floor: float = 0.05,
                  mixture_loss_weight: float = 0.1, num_expert_features: int = 0, negative_slope: float = 0.0,
-                 rope_dims: int = 0, ln_scale: bool = False, skip_gates: bool = False, parallel_residual_start: int = -1,
-                 xsa_last_n: int = 0, num_loops: int = 0, loop_start: int = 0, loop_end: int = -1):
+                 rope_dims: int = 0, ln_scale: bool = False, skip_gates: bool = False,
+                 parallel_residual_start: int = -1, xsa_last_n: int = 0, num_loops: int = 0, loop_start: int = 0,
+                 loop_end: int = -1):
         super().__init__()
         self.logit_softcap = logit_softcap
         self.neural_floor, self.mixture_loss_weight = neural_floor, mixture_loss_weight
@@ -715,55 +704,6 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
 
 
 # -----------------------------
-# N-GRAM EXPERTS
-# -----------------------------
-
-
-def new_ngram_tables(args: Hyperparameters, device: torch.device) -> NgramTables:
-    """Empty count tables: the unigram (the smoothed experts' common base, not an expert itself) and the experts'
-    orders. Training prefills them; evaluation starts one empty (the cache)."""
-    return NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=device)
-
-
-def expert_feature_count(num_experts: int) -> int:
-    # log context count and log distinct continuations per expert, and the longest order seen
-    return 2 * num_experts + 1
-
-
-def expert_inputs(tables: NgramTables, stream: Tensor, positions: Tensor, min_count: int,
-                  targets: Tensor | None = None, in_table: Tensor | None = None, *,
-                  discount: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The experts' inputs at each position: (p_k(target) [K, P] float32, valid [K, P] bool, features [P, F]
-    float32), the one place where n-gram counts become what the gate mixes (training, evaluation and the
-    legality audit all call it). Experts are the tables' orders >= 2.
-
-    Counts (NgramTables.counts): at evaluation, the cache holds stream[0:cache.num_tokens] and a target at t also
-    counts the chunk's own tokens before t; in training (in_table: [K_tables, L] bool, which of the stream's
-    n-grams the frozen tables hold) the table's own n-grams at or after t are left out, so the gate trains on
-    counts that look like the cache's. The target at t is stream[t], or targets[p] when given (then the stream may
-    end right before t, for the audit's candidate enumeration).
-    Expert k is the order-n interpolated absolute-discounting distribution backing off through the lower orders
-    to the uniform (ngram_mixer.smoothed_probs), a full distribution > 0 summing to 1. It is valid where its
-    context was seen at least `min_count` times; the gate ignores the others. Features depend on the context
-    only (never on the target), so they are the same for every candidate token."""
-    counts = tables.counts(stream, positions, targets, in_table=in_table)
-    experts = [k for k, n in enumerate(tables.orders) if n >= 2]
-    expert_counts = ExpertCounts(counts.context[experts], counts.pair[experts], counts.distinct[experts])
-    probs = smoothed_probs(counts, tables.vocab_size, discount)[experts].float()
-    valid = expert_counts.context >= max(min_count, 1)
-    features = expert_features(expert_counts, tuple(tables.orders[k] for k in experts))
-    return probs, valid, features
-
-
-def table_mask(orders: tuple[int, ...], stream_positions: Tensor, prefill_tokens: int) -> Tensor:
-    """[K, L] bool: where the n-gram ending at these train-stream positions was counted into the frozen tables.
-    The tables hold stream[0:prefill_tokens]; an n-gram whose window wraps past the end of the stream back to its
-    start (position < n-1) was never counted."""
-    order = torch.tensor(orders, device=stream_positions.device)[:, None]
-    return (stream_positions < prefill_tokens)[None, :] & (stream_positions[None, :] >= order - 1)
-
-
-# -----------------------------
 # EVALUATION
 # -----------------------------
 # Every target t in [1, N) of the val stream is scored exactly once, from a distribution over the whole vocabulary
@@ -832,73 +772,6 @@ def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tenso
     return mixture_logprob(neural_lp, probs, valid, weights), weights
 
 
-class LegalityAudit:
-    """Checks, at given val targets, that the score is a probability computed from the prefix alone:
-    - normalization: the production rule applied to every candidate token v at t (the stream cut right before t,
-      so the experts' validity is recomputed per candidate) sums to 1 (max_abs_sum_err), and its value at the
-      gold token equals the scored log-probability (max_gold_logp_err);
-    - causality: t's window re-scored through the production rule with every token after t replaced by random ids
-      gives the same log-probability (max_future_logp_delta). Both windows run with identical shapes, so the
-      delta is exactly 0 unless the score reads the future.
-    It cannot see a leak through state (the cache, TTT): score_span checks those invariants on every chunk."""
-
-    def __init__(self, positions: Tensor, seed: int):
-        self.positions = positions
-        self.generator = torch.Generator(device=positions.device).manual_seed(seed)
-        self.count, self.sum_err, self.gold_err, self.future_delta, self.time_ms = 0, 0.0, 0.0, 0.0, 0.0
-
-    def check(self, setup: EvalSetup, cache: NgramTables | None, windows: tuple[Tensor, Tensor, Tensor],
-              positions: Tensor, h: Tensor, log_probs: Tensor, scored_lp: Tensor) -> None:
-        tokens, vocab = setup.tokens, log_probs.size(1)
-        rows = torch.nonzero(torch.isin(positions, self.positions)).flatten()
-        if len(rows) == 0:
-            return
-        t0 = time.perf_counter()
-        candidates = torch.arange(vocab, device=tokens.device)
-        segments, perturbed_streams = [], []
-        for row in rows.tolist():
-            t = int(positions[row])
-            candidate_lp, _ = mix(setup, cache, h[row].expand(vocab, -1), log_probs[row], tokens[:t],
-                                  torch.full((vocab,), t, device=tokens.device), candidates)
-            self.sum_err = max(self.sum_err, abs(float(candidate_lp.double().exp().sum()) - 1.0))
-            self.gold_err = max(self.gold_err, abs(float(candidate_lp[tokens[t]]) - float(scored_lp[row])))
-            # t's window, cut out of the true stream and of a copy whose tokens after t are random
-            start, lo, hi = windows
-            first = int(start[torch.nonzero((lo <= t) & (t < hi))[0, 0]])
-            end = min(first + setup.seq_len + 1, len(tokens))
-            perturbed = tokens[:end].clone()
-            perturbed[t + 1:] = torch.randint(0, vocab, (end - t - 1,), generator=self.generator,
-                                              device=tokens.device)
-            perturbed_streams.append(perturbed)
-            segments += [(tokens[first:end], t - first), (perturbed[first:end], t - first)]
-        # all true and perturbed windows in one call, so both of a pair run through identical kernels
-        offsets = torch.tensor([0] + [len(seg) for seg, _ in segments], device=tokens.device).cumsum(0)
-        target = offsets[:-1] + torch.tensor([at for _, at in segments], device=tokens.device)
-        seg_positions, seg_h, seg_log_probs = forward_windows(setup, torch.cat([seg for seg, _ in segments]),
-                                                              offsets[:-1], target, target + 1)
-        for i, row in enumerate(rows.tolist()):
-            t = positions[row:row + 1]
-            pair_lp = [mix(setup, cache, seg_h[k:k + 1], seg_log_probs[k, tokens[t]], stream, t)[0]
-                       for k, stream in ((2 * i, tokens), (2 * i + 1, perturbed_streams[i]))]
-            self.future_delta = max(self.future_delta, float((pair_lp[0] - pair_lp[1]).abs().max()))
-        self.count += len(rows)
-        self.time_ms += 1000.0 * (time.perf_counter() - t0)  # the float() reads above synchronize the device
-
-    def reduce(self) -> tuple[int, float, float, float]:
-        """(positions, max_abs_sum_err, max_gold_logp_err, max_future_logp_delta) over all ranks."""
-        stats = torch.tensor([self.sum_err, self.gold_err, self.future_delta], dtype=torch.float64,
-                             device=self.positions.device)
-        count = all_reduce(torch.tensor([float(self.count)], dtype=torch.float64, device=stats.device))
-        stats = all_reduce(stats, dist.ReduceOp.MAX if dist.is_available() and dist.is_initialized() else None)
-        return int(count[0]), *stats.tolist()
-
-
-def audit_fails(stats: tuple[int, float, float, float]) -> bool:
-    count, sum_err, gold_err, future_delta = stats
-    return count == 0 or sum_err > AUDIT_MAX_SUM_ERR or gold_err > AUDIT_MAX_LOGP_ERR or \
-        future_delta > AUDIT_MAX_LOGP_ERR
-
-
 class TargetRecord:
     """Per-target results of one pass, in val order (index t - 1): full-system NLL, neural NLL, mixing weights."""
 
@@ -919,6 +792,7 @@ class TargetRecord:
             all_reduce(tensor)
 
 
+@torch.inference_mode()
 def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None = None,
                audit: LegalityAudit | None = None, record: TargetRecord | None = None) -> Tensor:
     """Score this rank's share of the windows covering targets [first, end); returns [neural NLL, system NLL,
@@ -927,11 +801,7 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
     scores are made: a violation raises)."""
     tokens, device = setup.tokens, setup.tokens.device
     if cache is not None:
-        held = cache.num_tokens
-        tail = tokens[max(0, held - cache.tail.numel()):held]
-        if held > first or not torch.equal(cache.tail, tail):
-            raise RuntimeError(f"causality violated: scoring targets from {first} with a cache of {held} tokens "
-                               "whose last tokens are not the val stream's (the cache may only hold scored tokens)")
+        cache.check_holds_only_before(tokens, first)
     if setup.ttt_trained_until > first:
         raise RuntimeError(f"causality violated: scoring targets from {first} after TTT learned targets up to "
                            f"{setup.ttt_trained_until - 1}")
@@ -947,7 +817,8 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
         neural_lp = log_probs.gather(1, targets[:, None]).squeeze(1)
         mixed_lp, weights = mix(setup, cache, h, neural_lp, tokens, positions)
         if audit is not None:
-            audit.check(setup, cache, windows, positions, h, log_probs, mixed_lp)
+            audit.check(lambda *a: mix(setup, cache, *a), lambda *a: forward_windows(setup, *a), tokens,
+                        setup.seq_len, windows, positions, h, log_probs, mixed_lp)
         if record is not None:
             record.store(positions, neural_lp, mixed_lp, weights)
         n_bytes = count_target_bytes(tokens[positions - 1], targets, setup.luts)
@@ -972,26 +843,15 @@ class EvalResult:
     scored_bytes: int
     time_ms: dict
     audit: tuple[int, float, float, float] | None = None
-    record: TargetRecord | None = None
-
-
-def summarize(sums: Tensor, time_ms: dict, audit=None, record=None) -> EvalResult:
-    neural_nll, nll, n_bytes, n_tokens = all_reduce(sums).tolist()
-    if record is not None:
-        record.all_reduce()
-    return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
-                      int(n_bytes), time_ms, audit, record)
 
 
 def eval_val(setup: EvalSetup, record: TargetRecord | None = None) -> EvalResult:
-    """The neural model alone over every val target (sliding windows of the setup's stride)."""
+    """The neural model alone over every val target (sliding windows of the setup's stride): one chunk, no cache,
+    no TTT. Leaves the model in the mode it found it in (training calls it for its periodic val)."""
     was_training = setup.model.training
-    setup.model.eval()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        sums = score_span(setup, 1, len(setup.tokens), record=record)
+    result = eval_ngram_ttt(setup, [1, len(setup.tokens)], None, TTTConfig(), record=record)
     setup.model.train(was_training)
-    return summarize(sums, dict(total=1000.0 * (time.perf_counter() - t0)), record=record)
+    return result
 
 
 def chunk_bounds(n_tokens: int, chunk_tokens: int) -> list[int]:
@@ -1021,10 +881,7 @@ def ttt_on_chunk(setup: EvalSetup, optimizer: torch.optim.Optimizer, params: lis
             (loss / (n_seqs * seq_len)).backward()
         if setup.world_size > 1:
             flat = all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            torch._foreach_copy_([p.grad for p in params], list(flat.split([p.numel() for p in params])))
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
@@ -1057,22 +914,18 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
     setup.model.eval()
 
     def timed(key, fn, *fn_args):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        # the device runs ahead of Python: synchronize on both sides of what is timed
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
         t0 = time.perf_counter()
         out = fn(*fn_args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         time_ms[key] += 1000.0 * (time.perf_counter() - t0)
         return out
 
-    def score(first, end):
-        with torch.inference_mode():
-            return score_span(setup, first, end, cache, audit, record)
-
     n_learn = len(bounds) - 2  # the last chunk is never learned from
     for i, (first, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        sums += timed("score", score, first, end)
+        sums += timed("score", score_span, setup, first, end, cache, audit, record)
         if i == n_learn:
             break  # nothing is left to score, so the last chunk need not be learned from
         if cache is not None:
@@ -1084,13 +937,11 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
         time_ms["score"] -= audit.time_ms
         time_ms["audit"] = audit.time_ms
     time_ms["total"] = sum(time_ms.values())
-    return summarize(sums, time_ms, audit.reduce() if audit is not None else None, record)
-
-
-def sample_audit_positions(n_tokens: int, count: int, seed: int, device: torch.device) -> Tensor:
-    """Random val targets (same on every rank) at which the legality audit checks the scores."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.unique(torch.randint(1, n_tokens, (count,), generator=generator)).to(device)
+    neural_nll, nll, n_bytes, n_tokens = all_reduce(sums).tolist()
+    if record is not None:
+        record.all_reduce()
+    return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
+                      int(n_bytes), time_ms, audit.reduce() if audit is not None else None)
 
 
 def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, tokens: Tensor, luts, bos_id: int,
@@ -1113,10 +964,8 @@ def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, tokens
 QUANT_MIN_NUMEL = 65_536  # smaller tensors (norm scales, residual mixes, the gate) stay fp16: few bytes, touchy
 ZSTD_LEVEL = 22
 # Artifact file = ARTIFACT_MAGIC + one byte (index into COMPRESSORS) + compressed byte-shuffled torch.save(blob).
-# Files that start with the zstd frame magic are the earlier raw-zstd artifacts (formats int8_zstd / int6_zstd).
 ARTIFACT_MAGIC = b"PGA1"
 COMPRESSORS = ("zstd", "lzma", "brotli")
-ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @torch.no_grad()
@@ -1209,21 +1058,13 @@ def dequantize_state_dict(blob: dict) -> dict[str, Tensor]:
     return {name: tensors[name].to(getattr(torch, dtype)) for name, dtype in blob["dtypes"].items()}
 
 
-def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
-    """Bytes 0, 2, 4, ... then 1, 3, 5, ...: the fp16 scales' high and low bytes each form a smoother stream
-    (PR #1089)."""
+def byte_shuffle(data: bytes, stride: int = 2, inverse: bool = False) -> bytes:
+    """Bytes 0, 2, 4, ... then 1, 3, 5, ... (inverse: back): the fp16 scales' high and low bytes each form a
+    smoother stream (PR #1089). A tail shorter than the stride stays in place."""
     arr = np.frombuffer(data, dtype=np.uint8)
-    return b"".join(arr[i::stride].tobytes() for i in range(stride))
-
-
-def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
-    arr, out = np.frombuffer(data, dtype=np.uint8), np.empty(len(data), dtype=np.uint8)
-    offset = 0
-    for i in range(stride):
-        n = len(range(i, len(data), stride))
-        out[i::stride] = arr[offset:offset + n]
-        offset += n
-    return out.tobytes()
+    body = arr[:len(arr) // stride * stride]
+    body = body.reshape(stride, -1).T if inverse else body.reshape(-1, stride).T
+    return body.tobytes() + arr[len(body.reshape(-1)):].tobytes()
 
 
 def _codec(name: str):
@@ -1251,27 +1092,20 @@ def compress_artifact(blob: dict, compressor: str = "zstd") -> bytes:
 
 
 def load_artifact(path: Path) -> dict:
-    """The quantized blob of an artifact file (this format or the earlier raw-zstd one), with "__compressor__"."""
+    """The quantized blob of an artifact file, with "__compressor__" (the one its header names)."""
     if not path.is_file():
         raise FileNotFoundError(f"artifact not found: {path}")
     raw = path.read_bytes()
     try:
-        if raw[:4] == ZSTD_FRAME_MAGIC:
-            compressor, data = "zstd", zstandard.ZstdDecompressor().decompress(raw)
-        elif raw[:4] == ARTIFACT_MAGIC and raw[4] < len(COMPRESSORS):
-            compressor = COMPRESSORS[raw[4]]
-            data = byte_unshuffle(_codec(compressor)[1](raw[5:]))
-        else:
+        if raw[:4] != ARTIFACT_MAGIC or raw[4] >= len(COMPRESSORS):
             raise ValueError("unknown header")
+        data = byte_shuffle(_codec(COMPRESSORS[raw[4]])[1](raw[5:]), inverse=True)
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a zstd-compressed artifact nor a {ARTIFACT_MAGIC!r} one ({err})") from None
-    # Earlier files named their compressor in the format (int8_zstd_v1); today the header names it.
-    blob["__format__"] = str(blob.get("__format__")).replace("_zstd_v1", "_v1") if raw[:4] == ZSTD_FRAME_MAGIC \
-        else blob.get("__format__")
-    if not re.fullmatch(r"int[2-8](_gptq)?_v1", str(blob["__format__"])):
-        raise ValueError(f"{path}: unknown artifact format {blob['__format__']!r}")
-    blob["__compressor__"] = compressor
+        raise ValueError(f"{path}: not a {ARTIFACT_MAGIC!r} artifact ({err})") from None
+    if not re.fullmatch(r"int[2-8](_gptq)?_v1", str(blob.get("__format__"))):
+        raise ValueError(f"{path}: unknown artifact format {blob.get('__format__')!r}")
+    blob["__compressor__"] = COMPRESSORS[raw[4]]
     return blob
 
 
@@ -1314,10 +1148,6 @@ def model_from_artifact(args: Hyperparameters, path: Path, device: torch.device)
     return model
 
 
-def check_artifact_size(total_bytes: int) -> bool:
-    return total_bytes <= ARTIFACT_CAP_BYTES
-
-
 # -----------------------------
 # TRAINING
 # -----------------------------
@@ -1330,7 +1160,9 @@ class Run:
     args: Hyperparameters
     rank: int
     world_size: int
+    distributed: bool
     device: torch.device
+    compile_model: bool  # torch.compile on CUDA only
     run_id: str
     log_path: Path
     artifact_path: Path
@@ -1339,38 +1171,22 @@ class Run:
     luts: tuple
     val_tokens: Tensor
 
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    @property
-    def use_cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    @property
-    def compile_model(self) -> bool:
-        return self.args.compile and self.use_cuda
-
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_cuda else nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def sync(self) -> None:
-        if self.use_cuda:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     def log(self, msg: str, console: bool = True) -> None:
-        if self.master:
+        if self.rank == 0:
             if console:
                 print(msg, flush=True)
             with open(self.log_path, "a", encoding="utf-8") as f:
                 print(msg, file=f)
 
     def log_peak_memory(self) -> None:
-        if self.use_cuda:
+        if self.device.type == "cuda":
             self.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                      f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         else:
@@ -1406,8 +1222,8 @@ def start_run(args: Hyperparameters) -> Run:
     code_files = [Path(__file__).resolve(), Path(ngram_mixer.__file__).resolve()]
     code = [f.read_bytes() for f in code_files]
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    run = Run(args, rank, world_size, device, run_id, log_path, artifact_path, sum(len(c) for c in code),
-              int(sp.bos_id()), build_byte_luts(sp, args.vocab_size, device),
+    run = Run(args, rank, world_size, distributed, device, args.compile and use_cuda, run_id, log_path, artifact_path,
+              sum(len(c) for c in code), int(sp.bos_id()), build_byte_luts(sp, args.vocab_size, device),
               load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens).to(device))
     for path, source in zip(code_files, code):
         run.log(f"===== {path.name} =====\n{source.decode('utf-8')}", console=False)
@@ -1436,26 +1252,9 @@ def build_eval_setup(run: Run, model: GPT, stride: int) -> EvalSetup:
                      ngram_discount=run.args.ngram_discount)
 
 
-
-def prefill_tables(run: Run, train_files: list[Path]) -> tuple[NgramTables | None, int]:
-    """Frozen n-gram tables of the first NGRAM_PREFILL_TOKENS of the train stream, identical on every rank, for
-    training the gate (None without the mixer). Returns (tables, tokens counted)."""
-    args = run.args
-    if not args.ngram_orders:
-        return None, 0
-    stream = TokenStream(train_files, args.vocab_size)
-    prefill_tokens = min(args.ngram_prefill_tokens, stream.total_tokens)
-    tables = new_ngram_tables(args, run.device)
-    # Pieces of 64M tokens bound the sort's temporary memory; chunked extends give identical tables.
-    for begin in range(0, prefill_tokens, 1 << 26):
-        tables.extend(stream.take(min(1 << 26, prefill_tokens - begin)).to(run.device, torch.int64))
-    return tables, prefill_tokens
-
-
 @dataclass
 class Trainer:
-    """What one training step needs: the (DDP-wrapped, compiled) model, its plain module, the optimizers, the
-    data, and the frozen n-gram tables with the train-stream positions of every step's targets."""
+    """What a training step needs; `model` is the DDP-wrapped, compiled `base_model`."""
     model: nn.Module
     base_model: GPT
     optimizers: list
@@ -1511,12 +1310,21 @@ def optimizer_step(args: Hyperparameters, trainer: Trainer, step: int, lr_multip
         opt.zero_grad(set_to_none=True)
 
 
-def build_trainer(run: Run, train_files: list[Path], tables: NgramTables | None, prefill_tokens: int) -> Trainer:
+def build_trainer(run: Run, train_files: list[Path]) -> Trainer:
+    """Model, optimizers, data, and the gate's frozen n-gram tables of the first NGRAM_PREFILL_TOKENS train tokens."""
     args = run.args
+    tables, prefill_tokens = None, 0
+    if args.ngram_orders:
+        stream = TokenStream(train_files, args.vocab_size)
+        prefill_tokens = min(args.ngram_prefill_tokens, stream.total_tokens)
+        tables = NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=run.device)
+        # Pieces of 64M tokens bound the sort's temporary memory; chunked extends give identical tables.
+        for begin in range(0, prefill_tokens, 1 << 26):
+            tables.extend(stream.take(min(1 << 26, prefill_tokens - begin)).to(run.device, torch.int64))
     base_model = build_model(args, run.device)
     # DDP wraps the compiled module (as in the baseline); the optimizers hold the uncompiled parameters.
     compiled = torch.compile(base_model) if run.compile_model else base_model
-    model = DDP(compiled, device_ids=[run.device.index] if run.use_cuda else None,
+    model = DDP(compiled, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                 broadcast_buffers=False) if run.distributed else compiled
     local_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
     loader = DistributedTokenLoader(train_files, run.rank, run.world_size, run.device, args.vocab_size, local_tokens)
@@ -1536,10 +1344,13 @@ def warm_up(run: Run, trainer: Trainer, train_files: list[Path]) -> None:
     initial_model = copy.deepcopy(trainer.base_model.state_dict())
     initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers]
     for warmup_step in range(run.args.warmup_steps):
+        # the second half runs the looped layers, so both graphs compile before the clock starts
+        trainer.base_model.set_recurrence(warmup_step >= run.args.warmup_steps // 2)
         train_step(run, trainer)
         optimizer_step(run.args, trainer, 0, 1.0)
         if warmup_step < 3 or warmup_step + 1 == run.args.warmup_steps:
             run.log(f"warmup_step:{warmup_step + 1}/{run.args.warmup_steps}")
+    trainer.base_model.set_recurrence(False)
     trainer.base_model.load_state_dict(initial_model)
     for opt, state in zip(trainer.optimizers, initial_optimizers):
         opt.load_state_dict(state)
@@ -1555,12 +1366,13 @@ def train_model(run: Run) -> Trainer:
     train_files = list_shards(args.data_path, "train")
     run.sync()
     t0 = time.perf_counter()
-    tables, prefill_tokens = prefill_tables(run, train_files)
+    trainer = build_trainer(run, train_files)
     run.sync()
+    # Building the trainer (the n-gram prefill) counts against the training wallclock.
     training_time_ms = 1000.0 * (time.perf_counter() - t0)
-    if tables is not None:
-        run.log(f"ngram_prefill tokens:{prefill_tokens} time:{training_time_ms:.0f}ms bytes:{tables.nbytes()}")
-    trainer = build_trainer(run, train_files, tables, prefill_tokens)
+    if trainer.tables is not None:
+        run.log(f"ngram_prefill tokens:{trainer.prefill_tokens} time:{training_time_ms:.0f}ms "
+                f"bytes:{trainer.tables.nbytes()}")
     run.log(f"model_params:{sum(p.numel() for p in trainer.base_model.parameters())} "
             f"ngram_orders:{list(args.ngram_orders)}")
     warm_up(run, trainer, train_files)
@@ -1581,7 +1393,8 @@ def train_model(run: Run) -> Trainer:
             t0 = time.perf_counter()
         if last_step:
             if stop_after_step is not None and step < args.iterations:
-                run.log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{args.iterations}")
+                run.log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms "
+                        f"step:{step}/{args.iterations}")
             break
         elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
         # Depth recurrence from ENABLE_LOOPING_AT of the run on.
@@ -1604,19 +1417,17 @@ def train_model(run: Run) -> Trainer:
                                          stop_after_step is not None or step == args.iterations):
             _, ce, mix_nll = (all_reduce(stats) / run.world_size).tolist()
             run.log(f"step:{step}/{args.iterations} train_loss:{ce:.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / step:.2f}ms" + (f" mix_nll:{mix_nll:.4f}" if tables is not None else ""))
+                    f"step_avg:{approx_ms / step:.2f}ms" + (f" mix_nll:{mix_nll:.4f}" if args.ngram_orders else ""))
     run.log_peak_memory()
     return trainer
 
 
-
 def write_artifact(run: Run, trainer: Trainer) -> Path:
-    """The exported weights (EMA), GPTQ Hessians from training tokens on every rank, then rank 0 quantizes,
-    compresses and writes the artifact; after the barrier every rank can reload it."""
+    """Export (EMA weights, GPTQ Hessians on every rank), rank 0 writes; after the barrier every rank can reload."""
     calib = calibration_batches(run.args, run.rank, run.world_size, run.device)
     with run.autocast():
-        artifact = export_artifact(run.args, trainer.base_model, trainer.ema, calib, run.master)
-    if run.master:
+        artifact = export_artifact(run.args, trainer.base_model, trainer.ema, calib, run.rank == 0)
+    if run.rank == 0:
         run.artifact_path.write_bytes(artifact)
     if run.distributed:
         dist.barrier()
@@ -1632,34 +1443,30 @@ def evaluate_artifact(run: Run, path: Path) -> None:
     run.log(f"Serialized model {quant}: {model_bytes} bytes")
     run.log(f"Code size: {run.code_bytes} bytes")
     run.log(f"Total submission size {quant}: {run.code_bytes + model_bytes} bytes")
-    if not check_artifact_size(run.code_bytes + model_bytes):
+    if run.code_bytes + model_bytes > ARTIFACT_CAP_BYTES:
         run.log(f"ARTIFACT_OVER_CAP total:{run.code_bytes + model_bytes} cap:{ARTIFACT_CAP_BYTES}")
         sys.exit(3)
     # A fresh model from the artifact's bytes alone: the score is that of what would be submitted.
     setup = build_eval_setup(run, model_from_artifact(args, path, run.device), args.eval_stride)
-    n_weights = 1 + len(args.ngram_orders) if args.ngram_orders else 0
     final_pass = bool(args.ngram_orders or args.ttt)
-
-    def new_record(is_final: bool) -> TargetRecord | None:
-        return TargetRecord(len(run.val_tokens) - 1, n_weights, run.device) if args.eval_dump and is_final else None
-
+    n_weights = 1 + len(args.ngram_orders) if args.ngram_orders else 0
+    record = TargetRecord(len(run.val_tokens) - 1, n_weights, run.device) if args.eval_dump else None
     run.sync()
-    result = eval_val(setup, new_record(not final_pass))
+    result = eval_val(setup, None if final_pass else record)
     run.log(f"final_{quant}_roundtrip val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
             f"eval_time:{result.time_ms['total']:.0f}ms")
     run.log(f"final_{quant}_roundtrip_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
     if final_pass:
         roundtrip_ms = result.time_ms["total"]
-        audit = None
-        if args.ngram_orders:
-            audit = LegalityAudit(sample_audit_positions(len(run.val_tokens), args.audit_positions, args.seed,
-                                                         run.device), args.seed)
         # A fresh cache: the training-time tables are never consulted at evaluation.
-        cache = new_ngram_tables(args, run.device) if args.ngram_orders else None
+        cache = audit = None
+        if args.ngram_orders:
+            cache = NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=run.device)
+            audit = LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device)
         ttt = TTTConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
                         args.ttt_grad_clip)
         result = eval_ngram_ttt(setup, chunk_bounds(len(run.val_tokens), args.eval_chunk_tokens), cache, ttt,
-                                audit, new_record(True))
+                                audit, record)
         if result.audit is not None:
             count, sum_err, gold_err, future_delta = result.audit
             run.log(f"legality_audit positions:{count} max_abs_sum_err:{sum_err:.3e} "
@@ -1675,8 +1482,8 @@ def evaluate_artifact(run: Run, path: Path) -> None:
                 f"neural_val_loss:{result.neural_val_loss:.4f}")
         run.log(f"final_ngram_ttt_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
     run.log(f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
-    if result.record is not None and run.master:
-        write_eval_dump(Path(args.eval_dump), result.record, result, run.val_tokens, run.luts, run.bos_id, run.run_id)
+    if record is not None and run.rank == 0:
+        write_eval_dump(Path(args.eval_dump), record, result, run.val_tokens, run.luts, run.bos_id, run.run_id)
         run.log(f"eval_dump path:{args.eval_dump} targets:{len(run.val_tokens) - 1}")
 
 

@@ -18,7 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,8 +56,9 @@ def main():
         print(f"re-scoring: {name} ...", flush=True)
         model.load_state_dict(initial)
         setup.ttt_trained_until = 0
-        positions = tg.sample_audit_positions(len(run.val_tokens), args.audit_positions, args.seed, run.device)
-        audit = tg.LegalityAudit(positions, args.seed) if cache is not None else None
+        audit = None
+        if cache is not None:
+            audit = tg.LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device)
         record = tg.TargetRecord(len(run.val_tokens) - 1, 1 + len(args.ngram_orders), run.device)
         ttt = tg.TTTConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip)
         result = tg.eval_ngram_ttt(setup, bounds, cache, ttt, audit, record)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import ngram_mixer
 import train_gpt as tg
 from conftest import REPO_ROOT, log_value, run_trainer
 from ngram_mixer import ExpertCounts, NgramTables, mixture_logprob, mixture_weights
@@ -41,8 +42,10 @@ def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=
     setup.min_count = min_count
     cache = NgramTables(1024, cache_orders) if cache_orders else None
     record = tg.TargetRecord(len(tokens) - 1, 1 + len(ORDERS), tokens.device)
-    return tg.eval_ngram_ttt(setup, bounds, cache, tg.TTTConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0),
-                             record=record)
+    result = tg.eval_ngram_ttt(setup, bounds, cache, tg.TTTConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0),
+                               record=record)
+    result.record = record
+    return result
 
 
 def test_eval_is_causal_with_cache_and_ttt(sample_val_tokens):
@@ -97,7 +100,7 @@ def score_reference_target(model, tokens, t, seq_len, min_count, discount, pair_
         probs[k, 0] = lower
     experts = ExpertCounts(*(counts[:, 1:]))
     valid = experts.context >= min_count
-    features = tg.expert_features(experts, ORDERS)
+    features = ngram_mixer.expert_features(experts, ORDERS)
     neural = model.logits(h).log_softmax(-1)[:, ids[t]]
     weights = mixture_weights(model.gate_logits(h, features), valid, model.neural_floor)
     return -mixture_logprob(neural, probs[1:].float(), valid, weights).item()

@@ -346,7 +346,8 @@ def test_bucketed_scores_exceed_one_while_exact_tables_sum_to_one(sample_val_tok
 
 def test_bad_input_raises():
     for kwargs in (dict(vocab_size=1), dict(vocab_size=16, orders=(0, 2)), dict(vocab_size=16, orders=(1,)),
-                   dict(vocab_size=16, orders=(3, 2)), dict(vocab_size=16, orders=(2, 2)), dict(vocab_size=16, orders=()),
+                   dict(vocab_size=16, orders=(3, 2)), dict(vocab_size=16, orders=(2, 2)),
+                   dict(vocab_size=16, orders=()),
                    dict(vocab_size=16, orders=(2.0,)), dict(vocab_size=16, backend="cuda")):
         with pytest.raises(ValueError):
             NgramTables(**kwargs)
