@@ -1,6 +1,6 @@
 """Exact, normalized n-gram experts (orders 1..7 by default) for the neural / n-gram mixer.
 
-Tests:      python -m pytest -q tests/test_ngram_mixer.py tests/test_experts.py
+Tests:      python -m pytest -q tests/test_ngram_mixer.py tests/test_experts.py tests/test_audit.py
 Benchmark:  python bench/ngram_bench.py [--device cuda] [--tokens N];  python bench/experts_bench.py
 
 Mixture. At position t, with the neural distribution q_t and gate logits g_t computed from the prefix only,
@@ -17,7 +17,9 @@ the chunk has been scored. counts() adds the chunk's own n-grams that end before
 as in a classical cache updated per token), never the one at t or later. Training the gate on frozen tables of
 the training stream leaves a position's own occurrence out (lookup(..., exclude_self=...)), or, in counts(...,
 in_table=...), every occurrence at or after it. A lookup at t reads the context stream[t-n+1:t]; stream[t] (or
-the given target) only picks which of that context's counts is returned.
+the given target) only picks which of that context's counts is returned. LegalityAudit (at the end) checks a
+scoring rule built on these pieces at random targets: every candidate token enumerated sums to 1, and random
+tokens after t leave t's score unchanged.
 
 Normalization. Per order n the table is ONE sorted array of distinct pair keys ctx_key * V + v (the token v kept
 exact) and a running count array cum, with count(pair_keys[i]) = cum[i+1] - cum[i]. The pairs of one context fill
