@@ -270,18 +270,23 @@ def random_policy(keep_rates: Tensor, seed: int):  # [R] keep probability per ro
 # -----------------------------
 
 
-def distill(routed: RoutedGPT, teacher: nn.Module, policy, params: list[Tensor], batches: Tensor, lr: float,
+def teacher_log_probs(teacher: nn.Module, batches: Tensor) -> Tensor:  # [S, B, T] -> [S, B, T, V] float16
+    """The frozen full-depth model's log-probabilities, computed once and shared by every distillation run."""
+    with torch.inference_mode():
+        return torch.stack([teacher.logits(teacher.hidden(ids)).log_softmax(-1).half() for ids in batches])
+
+
+def distill(routed: RoutedGPT, batches: Tensor, teacher_lp: Tensor, policy, params: list[Tensor], lr: float,
             penalty=None) -> list[float]:
     """Minimize KL(teacher || routed) (+ penalty()) over batches [S, B, T] with Adam on params, through the
     masked path. Returns the KD loss of every step."""
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
-    for input_ids in batches:
-        with torch.no_grad():
-            teacher_lp = teacher.logits(teacher.hidden(input_ids)).log_softmax(-1)
+    for input_ids, target_lp in zip(batches, teacher_lp):
         h, _ = routed.hidden(input_ids, policy, mode="masked")
         student_lp = routed.logits(h).log_softmax(-1)
-        kd = F.kl_div(student_lp.flatten(0, 1), teacher_lp.flatten(0, 1), log_target=True, reduction="batchmean")
+        kd = F.kl_div(student_lp.flatten(0, 1), target_lp.float().flatten(0, 1), log_target=True,
+                      reduction="batchmean")
         loss = kd + (penalty() if penalty else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -290,7 +295,7 @@ def distill(routed: RoutedGPT, teacher: nn.Module, policy, params: list[Tensor],
     return losses
 
 
-def train_router(routed: RoutedGPT, teacher: nn.Module, batches: Tensor, target_skip: float, lr: float,
+def train_router(routed: RoutedGPT, batches: Tensor, teacher_lp: Tensor, target_skip: float, lr: float,
                  sparsity_weight: float, target_weight: float, tau: float, seed: int) -> tuple[TokenRouter, list]:
     """The DLR router for one target skip ratio (seed's v2 recipe: KD + per-layer L1 on keep probabilities +
     a quadratic pull of the mean skip ratio to its target)."""
@@ -303,7 +308,7 @@ def train_router(routed: RoutedGPT, teacher: nn.Module, batches: Tensor, target_
         skip = 1.0 - per_layer_keep.mean()
         return sparsity_weight * per_layer_keep.mean() + target_weight * (skip - target_skip) ** 2
 
-    losses = distill(routed, teacher, policy, list(router.parameters()), batches, lr, penalty)
+    losses = distill(routed, batches, teacher_lp, policy, list(router.parameters()), lr, penalty)
     return router, losses
 
 
@@ -323,13 +328,13 @@ def calibrate_shift(routed: RoutedGPT, router: TokenRouter, input_ids: Tensor, t
 
 def score_tokens(routed: RoutedGPT, policy, tokens: Tensor, seq_len: int, windows_per_batch: int,
                  train_gpt) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL [N - 1] float64, executed layers [N - 1] float32) for each target t = 1..N-1 of `tokens`, scored in
-    non-overlapping windows (train_gpt.window_schedule with stride = seq_len). Executed layers are those run at
-    the input position t - 1 that predicts t."""
+    """(NLL [N - 1] float64, kept [N - 1, R] float32) for each target t = 1..N-1 of `tokens`, scored in
+    non-overlapping windows (train_gpt.window_schedule with stride = seq_len). kept[t - 1, j] says whether routed
+    layer j ran at the input position t - 1 that predicts t (all ones at full depth)."""
     n = len(tokens)
     start, lo, hi = train_gpt.window_schedule(1, n, seq_len, seq_len)
     nll = np.zeros(n - 1, dtype=np.float64)
-    executed = np.full(n - 1, float(routed.num_layers), dtype=np.float32)
+    kept = np.ones((n - 1, routed.num_routed), dtype=np.float32)
     offsets = torch.arange(seq_len)
     with torch.inference_mode():
         for i in range(0, len(start), windows_per_batch):
@@ -342,8 +347,8 @@ def score_tokens(routed: RoutedGPT, policy, tokens: Tensor, seq_len: int, window
             lp = routed.logits(h[scored]).log_softmax(-1).gather(1, tokens[positions][:, None]).squeeze(1)
             nll[positions - 1] = -lp.double().numpy()
             if gates is not None:
-                executed[positions - 1] = (routed.keep_first + gates[scored].sum(-1)).numpy()
-    return nll, executed
+                kept[positions - 1] = gates[scored].numpy()
+    return nll, kept
 
 
 def greedy_static_masks(routed: RoutedGPT, calib_ids: Tensor) -> list[Tensor]:
@@ -369,8 +374,9 @@ def greedy_static_masks(routed: RoutedGPT, calib_ids: Tensor) -> list[Tensor]:
 
 
 def tokens_per_second(configs: dict, input_ids: Tensor, reps: int) -> dict[str, float]:
-    """Median tokens/s of hidden + logits for each name -> (routed model, policy), after one warm-up pass, with
-    the configurations interleaved in every repetition (the machine is shared, so load drifts)."""
+    """Tokens/s of hidden + logits for each name -> (routed model, policy): the fastest of `reps` timed passes
+    after one warm-up, configurations interleaved in every repetition. The fastest pass, as timeit advises: on
+    a shared machine the slower ones measure other jobs."""
     times = {name: [] for name in configs}
     with torch.inference_mode():
         for rep in range(reps + 1):
@@ -380,7 +386,7 @@ def tokens_per_second(configs: dict, input_ids: Tensor, reps: int) -> dict[str, 
                 routed.logits(h)
                 if rep:
                     times[name].append(time.perf_counter() - begin)
-    return {name: input_ids.numel() / float(np.median(t)) for name, t in times.items()}
+    return {name: input_ids.numel() / min(t) for name, t in times.items()}
 
 
 # -----------------------------
@@ -419,15 +425,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="env file whose values fill the env vars not already set (model shape, DATA_PATH...)")
     parser.add_argument("--keep-first", type=int, default=1,
                         help="always-kept layers K (the seed uses 4; 1 suits a 4-layer model)")
-    parser.add_argument("--targets", default="0.1667,0.3333,0.5,0.6667",
+    parser.add_argument("--targets", default="0.3333,0.5,0.6667",
                         help="target skip ratios of the routed (token, layer) pairs")
-    parser.add_argument("--steps", type=int, default=120, help="router / stochastic-depth training steps")
-    parser.add_argument("--batch-seqs", type=int, default=16, help="sequences (of TRAIN_SEQ_LEN) per step")
+    parser.add_argument("--steps", type=int, default=50, help="router / stochastic-depth training steps")
+    parser.add_argument("--batch-seqs", type=int, default=8, help="sequences (of TRAIN_SEQ_LEN) per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="router Adam learning rate")
     parser.add_argument("--sd-lr", type=float, default=3e-4, help="stochastic-depth fine-tune Adam learning rate")
-    parser.add_argument("--calib-seqs", type=int, default=64, help="held-out train sequences for calibration")
-    parser.add_argument("--val-tokens", type=int, default=131072, help="val prefix scored (0 = all)")
-    parser.add_argument("--timing-reps", type=int, default=7)
+    parser.add_argument("--calib-seqs", type=int, default=32, help="held-out train sequences for calibration")
+    parser.add_argument("--val-tokens", type=int, default=65536, help="val prefix scored (0 = all)")
+    parser.add_argument("--timing-reps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.targets = [float(t) for t in args.targets.split(",")]
@@ -482,9 +488,10 @@ def main(argv=None) -> None:
     results, per_token, eval_policies = {}, {}, {}
 
     def evaluate(name: str, model: RoutedGPT, policy, **fields) -> None:
-        nll, executed = score_tokens(model, policy, val, seq_len, windows_per_batch, train_gpt)
-        per_token[name] = (nll, executed)
-        skip = float((model.num_layers - executed).mean() / num_routed)
+        nll, kept = score_tokens(model, policy, val, seq_len, windows_per_batch, train_gpt)
+        executed = model.keep_first + kept.sum(1)
+        per_token[name] = (nll, executed, kept.mean(0))
+        skip = 1.0 - float(kept.mean())
         results[name] = dict(fields, val_bpb=bpb(nll), val_loss=float(nll.mean()), mean_executed_layers=float(
             executed.mean()), skip_ratio=skip)
         log(f"{name}: val_bpb {results[name]['val_bpb']:.4f} executed layers {executed.mean():.3f} skip {skip:.3f}")
@@ -498,26 +505,27 @@ def main(argv=None) -> None:
                  dropped_layers=dropped)
         eval_policies[name] = (routed, static_policy(mask))
 
+    teacher_lp = teacher_log_probs(teacher, batches)
+    log("teacher log-probs cached")
     for target in opts.targets:
         tag = f"{target:.3f}"
-        router, losses = train_router(routed, teacher, batches, target, opts.lr, sparsity_weight=0.01,
+        router, losses = train_router(routed, batches, teacher_lp, target, opts.lr, sparsity_weight=0.01,
                                       target_weight=10.0, tau=1.0, seed=opts.seed)
         shift = calibrate_shift(routed, router, calib_ids[:, :-1], target)
         evaluate(f"dlr_{tag}", routed, HardRouterPolicy(router, shift), method="DLR", target_skip=target,
                  kd_first=losses[0], kd_last=float(np.mean(losses[-10:])), shift=shift)
+        results[f"dlr_{tag}"]["layer_keep"] = per_token[f"dlr_{tag}"][2].tolist()
         eval_policies[f"dlr_{tag}"] = (routed, HardRouterPolicy(router, shift))
         # Random skipping with the router's realized per-layer rates on val: equal compute in expectation.
-        with torch.inference_mode():
-            _, gates = routed.hidden(val[:seq_len * 32].view(32, seq_len), HardRouterPolicy(router, shift))
-        layer_keep = gates.mean(dim=(0, 1))
+        layer_keep = torch.from_numpy(per_token[f"dlr_{tag}"][2])
         evaluate(f"random_{tag}", routed, random_policy(layer_keep, opts.seed + 1), method="random per-token",
                  target_skip=target, layer_keep=layer_keep.tolist())
         eval_policies[f"random_{tag}"] = (routed, random_policy(layer_keep, opts.seed + 1))
         # Stochastic depth: a trainable copy, fine-tuned by KD under random skipping at the target rate.
         sd_model = RoutedGPT(teacher, opts.keep_first).requires_grad_(True)
         uniform_keep = torch.full((num_routed,), 1.0 - target)
-        sd_losses = distill(sd_model, teacher, random_policy(uniform_keep, opts.seed + 2),
-                            list(sd_model.parameters()), batches, opts.sd_lr)
+        sd_losses = distill(sd_model, batches, teacher_lp, random_policy(uniform_keep, opts.seed + 2),
+                            list(sd_model.parameters()), opts.sd_lr)
         sd_model.eval().requires_grad_(False)
         evaluate(f"sd_{tag}", sd_model, random_policy(uniform_keep, opts.seed + 3), method="stochastic-depth FT",
                  target_skip=target, kd_first=sd_losses[0], kd_last=float(np.mean(sd_losses[-10:])))

@@ -127,8 +127,8 @@ def test_router_training_reaches_its_skip_target_and_gradients_flow():
     model = tiny_model()
     routed = lr.RoutedGPT(model, keep_first=1)
     batches = torch.randint(0, 1024, (30, 4, SEQ_LEN), generator=torch.Generator().manual_seed(3))
-    router, losses = lr.train_router(routed, model, batches, target_skip=0.5, lr=3e-2, sparsity_weight=0.01,
-                                     target_weight=10.0, tau=1.0, seed=0)
+    router, losses = lr.train_router(routed, batches, lr.teacher_log_probs(model, batches), target_skip=0.5,
+                                     lr=3e-2, sparsity_weight=0.01, target_weight=10.0, tau=1.0, seed=0)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters())
     assert not any(p.grad is not None for p in routed.parameters()), "the backbone must stay frozen"
     shift = lr.calibrate_shift(routed, router, batches[0], 0.5)
