@@ -507,15 +507,19 @@ def main(argv=None) -> None:
 
     teacher_lp = teacher_log_probs(teacher, batches)
     log("teacher log-probs cached")
+
+    def evaluate_dlr(name: str, model: RoutedGPT, method: str, target: float) -> None:
+        router, losses = train_router(model, batches, teacher_lp, target, opts.lr, sparsity_weight=0.01,
+                                      target_weight=10.0, tau=1.0, seed=opts.seed)
+        policy = HardRouterPolicy(router, calibrate_shift(model, router, calib_ids[:, :-1], target))
+        evaluate(name, model, policy, method=method, target_skip=target, kd_first=losses[0],
+                 kd_last=float(np.mean(losses[-10:])), shift=policy.shift)
+        results[name]["layer_keep"] = per_token[name][2].tolist()
+        eval_policies[name] = (model, policy)
+
     for target in opts.targets:
         tag = f"{target:.3f}"
-        router, losses = train_router(routed, batches, teacher_lp, target, opts.lr, sparsity_weight=0.01,
-                                      target_weight=10.0, tau=1.0, seed=opts.seed)
-        shift = calibrate_shift(routed, router, calib_ids[:, :-1], target)
-        evaluate(f"dlr_{tag}", routed, HardRouterPolicy(router, shift), method="DLR", target_skip=target,
-                 kd_first=losses[0], kd_last=float(np.mean(losses[-10:])), shift=shift)
-        results[f"dlr_{tag}"]["layer_keep"] = per_token[f"dlr_{tag}"][2].tolist()
-        eval_policies[f"dlr_{tag}"] = (routed, HardRouterPolicy(router, shift))
+        evaluate_dlr(f"dlr_{tag}", routed, "DLR", target)
         # Random skipping with the router's realized per-layer rates on val: equal compute in expectation.
         layer_keep = torch.from_numpy(per_token[f"dlr_{tag}"][2])
         evaluate(f"random_{tag}", routed, random_policy(layer_keep, opts.seed + 1), method="random per-token",
@@ -530,6 +534,9 @@ def main(argv=None) -> None:
         evaluate(f"sd_{tag}", sd_model, random_policy(uniform_keep, opts.seed + 3), method="stochastic-depth FT",
                  target_skip=target, kd_first=sd_losses[0], kd_last=float(np.mean(sd_losses[-10:])))
         eval_policies[f"sd_{tag}"] = (sd_model, random_policy(uniform_keep, opts.seed + 3))
+        # The same router recipe on the stochastic-depth backbone: does routing still pay once the backbone has
+        # learned to tolerate skipping?
+        evaluate_dlr(f"sd_dlr_{tag}", sd_model, "DLR on SD backbone", target)
 
     # Measured speed of the gather/scatter path on one batch of val windows (hidden + logits).
     timing_ids = val[:16 * seq_len].view(16, seq_len)
@@ -543,12 +550,13 @@ def main(argv=None) -> None:
     comparisons = []
     for target in opts.targets:
         tag = f"{target:.3f}"
-        rivals = [f"random_{tag}", f"sd_{tag}"]
-        rivals += [n for n in results if n.startswith("static") and abs(results[n]["target_skip"] - target) < 0.01]
-        for rival in rivals:
-            ci = paired_bootstrap_bpb(per_token[f"dlr_{tag}"][0], per_token[rival][0], n_bytes, docs, seed=opts.seed)
-            comparisons.append(dict(dlr=f"dlr_{tag}", rival=rival, **ci))
-            log(f"dlr_{tag} - {rival}: {ci['delta_bpb']:+.4f} BPB [{ci['low']:+.4f}, {ci['high']:+.4f}]")
+        pairs = [(f"dlr_{tag}", f"random_{tag}"), (f"dlr_{tag}", f"sd_{tag}"), (f"sd_dlr_{tag}", f"sd_{tag}")]
+        pairs += [(f"dlr_{tag}", n) for n in results
+                  if n.startswith("static") and abs(results[n]["target_skip"] - target) < 0.01]
+        for dlr, rival in pairs:
+            ci = paired_bootstrap_bpb(per_token[dlr][0], per_token[rival][0], n_bytes, docs, seed=opts.seed)
+            comparisons.append(dict(dlr=dlr, rival=rival, **ci))
+            log(f"{dlr} - {rival}: {ci['delta_bpb']:+.4f} BPB [{ci['low']:+.4f}, {ci['high']:+.4f}]")
 
     # Token categories at the input position that each prediction is computed from.
     categories = token_categories(sp, train_counts)
@@ -600,13 +608,14 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"full depth": "k*", "static mask": "s-", "DLR": "o-", "random per-token": "^-",
-              "stochastic-depth FT": "v-"}
+    styles = {"full depth": "k*", "static mask": "s", "DLR": "o", "random per-token": "^",
+              "stochastic-depth FT": "v", "DLR on SD backbone": "D"}
     for method, style in styles.items():
         rows = sorted((r for r in report["results"].values() if r["method"] == method),
                       key=lambda r: r["mean_executed_layers"])
-        for ax, key in zip(axes, ("mean_executed_layers", "time_vs_full")):
-            ax.plot([r[key] for r in rows], [r["val_bpb"] for r in rows], style, label=method, ms=6)
+        # Lines join a method's points by compute; measured times are noisy, so the time panel shows points only.
+        for ax, key, line in zip(axes, ("mean_executed_layers", "time_vs_full"), ("-", "")):
+            ax.plot([r[key] for r in rows], [r["val_bpb"] for r in rows], style + line, label=method, ms=6)
     axes[0].set_xlabel("mean executed layers per token")
     axes[1].set_xlabel("measured time per token / full depth (CPU, gather path)")
     for ax in axes:
