@@ -90,7 +90,7 @@ def test_gather_path_matches_per_sequence_run_with_original_positions():
         x0 = torch.nn.functional.rms_norm(model.tok_emb(ids), (32,))
         # Input of block 3 = output of block 2 plus the U-net skip from block 0 (4 layers, 2 encoder blocks).
         x_in = states[2] + model.skip_weights[1] * states[0]
-        block, rotary = model.blocks[3], routed.model.blocks[3].rotaries[0]
+        rotary = routed.model.blocks[3].rotaries[0]
         expected = x_in.clone()
         for b in range(len(ids)):
             kept = gates[b, :, 0].nonzero().flatten()
