@@ -881,7 +881,8 @@ def ttt_on_chunk(setup: EvalSetup, optimizer: torch.optim.Optimizer, params: lis
             (loss / (n_seqs * seq_len)).backward()
         if setup.world_size > 1:
             flat = all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
-            torch._foreach_copy_([p.grad for p in params], list(flat.split([p.numel() for p in params])))
+            for p, grad in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(grad.view_as(p))
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
@@ -914,7 +915,6 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
     setup.model.eval()
 
     def timed(key, fn, *fn_args):
-        # the device runs ahead of Python: synchronize on both sides of what is timed
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
