@@ -1,6 +1,6 @@
 """Stronger valid experts on the sample val stream (1,040,059 targets): one table of BPB, hit rates, memory.
 
-  nice -n 10 python bench/experts_bench.py [--artifact PATH] [--neural-cache PATH]    # ~10 min on 2 CPU cores
+  nice -n 10 python bench/experts_bench.py [--artifact PATH] [--neural-cache PATH]    # ~18 min on 2 shared cores
 
 Rows: n-gram caches alone (no neural model, every token p > 0), then mixtures with the sample model's per-target
 neural probabilities. Every BPB is sum NLL / (ln 2 * sum bytes) over the same 1,040,059 targets, from normalized
