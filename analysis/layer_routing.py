@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "analysis")]
 import devkit  # noqa: E402
-from paired_bootstrap import document_ids, paired_bootstrap_bpb  # noqa: E402
+from records.compare import document_ids, paired_bootstrap  # noqa: E402
 
 BOS_ID = 1
 
@@ -554,9 +554,11 @@ def main(argv=None) -> None:
         pairs += [(f"dlr_{tag}", n) for n in results
                   if n.startswith("static") and abs(results[n]["target_skip"] - target) < 0.01]
         for dlr, rival in pairs:
-            ci = paired_bootstrap_bpb(per_token[dlr][0], per_token[rival][0], n_bytes, docs, seed=opts.seed)
-            comparisons.append(dict(dlr=dlr, rival=rival, **ci))
-            log(f"{dlr} - {rival}: {ci['delta_bpb']:+.4f} BPB [{ci['low']:+.4f}, {ci['high']:+.4f}]")
+            ci = paired_bootstrap(per_token[dlr][0] - per_token[rival][0], n_bytes, docs, resamples=2000,
+                                  seed=opts.seed)
+            comparisons.append(dict(dlr=dlr, rival=rival, delta_bpb=ci.delta_bpb, low=ci.low, high=ci.high,
+                                    documents=ci.units, confidence=ci.confidence))
+            log(f"{dlr} - {rival}: {ci.delta_bpb:+.4f} BPB [{ci.low:+.4f}, {ci.high:+.4f}]")
 
     # Token categories at the input position that each prediction is computed from.
     categories = token_categories(sp, train_counts)

@@ -91,6 +91,12 @@ def paired_bootstrap(delta_nll: np.ndarray, target_bytes: np.ndarray, unit_ids: 
                            confidence, deltas)
 
 
+def document_ids(tokens: np.ndarray, bos_id: int = 1) -> np.ndarray:  # [N] int -> [N - 1] int64
+    """The document of each target t = 1..N-1 of a token stream (a BOS token starts one): the number of BOS tokens
+    at positions <= t, minus one; the same rule as EVAL_DUMP's doc_id."""
+    return np.cumsum(np.asarray(tokens) == bos_id)[1:].astype(np.int64) - 1
+
+
 def block_ids(n_targets: int, block: int) -> np.ndarray:
     """Unit id of each target when the val order is cut into blocks of `block` targets (the last may be shorter)."""
     if block < 1:

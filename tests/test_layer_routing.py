@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "analysis"))
 import train_gpt as tg  # noqa: E402
 import layer_routing as lr  # noqa: E402
-from paired_bootstrap import document_ids, paired_bootstrap_bpb  # noqa: E402
+from records.compare import document_ids  # noqa: E402
 
 SEQ_LEN = 48
 
@@ -157,18 +157,6 @@ def test_keep_first_out_of_range_raises():
         lr.RoutedGPT(tiny_model(), keep_first=4)
 
 
-def test_paired_bootstrap_and_document_ids():
+def test_document_ids_follow_bos_tokens():
     tokens = torch.tensor([1, 5, 6, 1, 7, 1, 8, 9]).numpy()
     assert document_ids(tokens).tolist() == [0, 0, 1, 1, 2, 2, 2]
-    gen = torch.Generator().manual_seed(0)
-    n = 4000
-    docs = torch.arange(n) // 40
-    nll_b = torch.rand(n, generator=gen).double().numpy() * 3
-    n_bytes = torch.randint(1, 5, (n,), generator=gen).numpy()
-    worse = paired_bootstrap_bpb(nll_b + 0.1, nll_b, n_bytes, docs.numpy(), n_resamples=500)
-    assert worse["low"] > 0 and worse["documents"] == 100
-    same = paired_bootstrap_bpb(nll_b + torch.randn(n, generator=gen).double().numpy() * 0.01, nll_b, n_bytes,
-                                docs.numpy(), n_resamples=500)
-    assert same["low"] < 0 < same["high"]
-    with pytest.raises(ValueError, match="lengths differ"):
-        paired_bootstrap_bpb(nll_b[:-1], nll_b, n_bytes, docs.numpy())
