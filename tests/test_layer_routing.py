@@ -21,8 +21,11 @@ def tiny_model(seed=0, num_layers=4):
     """A randomly initialized GPT from train_gpt.build_model with small settings; the zero-initialized output
     projections get random weights so that every block changes its input and attention matters."""
     args = tg.Hyperparameters()
+    # The default stack at a tiny shape: partial RoPE within the 8-dim heads, XSA, parallel residuals; no depth
+    # recurrence (the router does not choose loops) and additive U-net skips (the reference below adds them).
     for name, value in dict(num_layers=num_layers, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=1024,
-                            ngram=False).items():
+                            ngram=False, rope_dims=4, num_loops=0, parallel_residual_start=num_layers - 1,
+                            skip_gates=False).items():
         setattr(args, name, value)
     torch.manual_seed(seed)
     model = tg.build_model(args, torch.device("cpu")).eval()
