@@ -113,3 +113,12 @@ def test_paired_bootstrap_over_documents():
 def test_document_ids_start_at_bos():
     tokens = torch.tensor([1, 5, 6, 1, 7, 1, 8, 9])
     assert pr.document_ids(tokens).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ARTIFACT"):
+        pr.main([str(tmp_path / "missing.ptz"), "--out", str(tmp_path)])
+    artifact = tmp_path / "model.ptz"
+    artifact.write_bytes(b"")
+    with pytest.raises(ValueError, match="--seeds=0"):
+        pr.main([str(artifact), "--out", str(tmp_path), "--seeds", "0"])
