@@ -462,28 +462,34 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
 
 def plot(result: dict, path: Path) -> None:
     """Heatmaps (layer rows x horizons): probe top-1, top-5, NLL, and where ProbeRoute's learned router puts its
-    mass (mean over seeds)."""
+    mass (mean over seeds). Colour is scaled within each horizon column (the depth structure is the point; h = 1
+    would swamp one global scale); the cells print the raw values."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     probes = result["probe_map"]
     mass = result["mtp"]["variants"]["probe_sparse"]["router_mass_by_h"]
-    panels = [("probe top-1", probes["top1"], PROBE_HORIZONS, "viridis"),
-              ("probe top-5", probes["top5"], PROBE_HORIZONS, "viridis"),
-              ("probe NLL (nats)", probes["nll"], PROBE_HORIZONS, "viridis_r"),
-              ("ProbeRoute router mass", mass, MTP_HORIZONS, "Greys")]
+    # (title, layers x horizons values, horizons, higher is better)
+    panels = [("probe top-1", probes["top1"], PROBE_HORIZONS, True),
+              ("probe top-5", probes["top5"], PROBE_HORIZONS, True),
+              ("probe NLL (nats)", probes["nll"], PROBE_HORIZONS, False),
+              ("ProbeRoute router mass", mass, MTP_HORIZONS, True)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.5 * len(mass) + 2.0))
-    for ax, (title, values, horizons, cmap) in zip(axes, panels):
+    for ax, (title, values, horizons, higher_better) in zip(axes, panels):
         values = np.asarray(values)
-        ax.imshow(values, cmap=cmap, aspect="auto", origin="lower")
+        low, high = values.min(axis=0), values.max(axis=0)
+        shade = (values - low) / np.where(high > low, high - low, 1.0)
+        darkness = shade if higher_better else 1.0 - shade
+        ax.imshow(darkness, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
         for (row, col), value in np.ndenumerate(values):
-            ax.text(col, row, f"{value:.3f}" if value < 10 else f"{value:.2f}", ha="center", va="center",
-                    fontsize=7, color="red")
+            ax.text(col, row, f"{value:.3f}", ha="center", va="center", fontsize=8,
+                    color="white" if darkness[row, col] > 0.6 else "black")
         ax.set_xticks(range(len(horizons)), [f"h={h}" for h in horizons])
         ax.set_yticks(range(len(values)), [str(i + 1) for i in range(len(values))])
         ax.set_title(title, fontsize=9)
-    axes[0].set_ylabel("layer row (layer_states, execution order)")
+    axes[0].set_ylabel("layer row (layer_states order)")
+    fig.suptitle("darker = better within each horizon column", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
