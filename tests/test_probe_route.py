@@ -122,3 +122,12 @@ def test_cli_rejects_bad_arguments(tmp_path):
     artifact.write_bytes(b"")
     with pytest.raises(ValueError, match="--seeds=0"):
         pr.main([str(artifact), "--out", str(tmp_path), "--seeds", "0"])
+
+
+def test_plot_writes_png(tmp_path):
+    grid = [[0.1 * (layer + 1) + 0.01 * h for h in range(4)] for layer in range(3)]
+    mass = [[0.0, 0.0, 0.0], [0.4, 0.0, 1.0], [0.6, 1.0, 0.0]]
+    result = dict(probe_map=dict(top1=grid, top5=grid, nll=grid),
+                  mtp=dict(variants=dict(probe_sparse=dict(router_mass_by_h=mass))))
+    pr.plot(result, tmp_path / "map.png")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
