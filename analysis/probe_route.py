@@ -450,9 +450,8 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
                                     router_mass=np.mean([r["mass"] for r in runs], axis=0).tolist())
     weights = (val_bytes * math.log(2.0)).numpy()
     per_token["own_gate"] = own_nll
-    intervals = {f"probe_sparse-{other}": paired_bootstrap((per_token["probe_sparse"] - per_token[other]).numpy(),
-                                                           docs, weights)
-                 for other in ("last", "dense", "own_gate")}
+    pairs = [("probe_sparse", "last"), ("probe_sparse", "dense"), ("probe_sparse", "own_gate"), ("last", "own_gate")]
+    intervals = {f"{a}-{b}": paired_bootstrap((per_token[a] - per_token[b]).numpy(), docs, weights) for a, b in pairs}
     return dict(probe_target_share=np.bincount(probe_val.numpy(), minlength=1 + len(orders)).tolist(),
                 probe_scores=probe_scores, router_init_scores=router_scores, variants=per_variant,
                 own_gate=dict(bpb=bpb(own_nll), val_loss=float(own_nll.mean())), paired_bootstrap_bpb=intervals,
