@@ -16,7 +16,7 @@ frozen features.
    NLL h1-4 (h = 1 is the model's own head), paired bootstrap intervals over val documents.
 3. Gate: the trainer's gate Linear(D, 1 + K) reading the last layer vs a top-m layer mix initialized from probes
    of "which expert gives the gold token the most probability", both trained on the same train tokens against
-   the frozen leave-one-out training tables (train_gpt.expert_inputs / leave_one_out_mask), the neural model
+   the frozen training tables (train_gpt.expert_inputs / table_mask, leave-future-out), the neural model
    frozen. Scored as the full mixture with a causal score-then-update cache on the val slice, exactly as
    train_gpt.eval_ngram_ttt without TTT (checked against it in the run): BPB and a paired bootstrap.
 
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from devkit import read_env_file  # noqa: E402
+from records.compare import document_ids, ratio_bootstrap  # noqa: E402
 
 BOS_ID = 1
 PROBE_HORIZONS = (1, 2, 3, 4)
@@ -191,12 +191,7 @@ def acceptance_length(draft_correct: Tensor) -> Tensor:
 # -----------------------------
 # STATISTICS
 # -----------------------------
-# Local helper: records/compare.py's paired_bootstrap is not on this branch (the lead may dedupe the two).
-
-
-def document_ids(tokens: Tensor) -> Tensor:
-    """[N] int64: the document of each stream position; a document starts at BOS (id 1)."""
-    return (tokens == BOS_ID).long().cumsum(0).sub(1).clamp_min(0)
+# Intervals come from records/compare.py's ratio bootstrap over documents (the same code as compare.py's ΔBPB).
 
 
 def paired_bootstrap(diff, docs, weights=None, seed: int = 0) -> dict:
@@ -204,22 +199,11 @@ def paired_bootstrap(diff, docs, weights=None, seed: int = 0) -> dict:
     documents (per-token results inside a document are not independent). diff [P] float (B - A per token, same
     tokens), docs [P] int, weights [P] (default 1 per token; bytes * ln 2 turns nats into BPB)."""
     diff = np.asarray(diff, dtype=np.float64)
-    docs = np.asarray(docs, dtype=np.int64)
     weights = np.ones_like(diff) if weights is None else np.asarray(weights, dtype=np.float64)
-    if not (diff.shape == docs.shape == weights.shape):
-        raise ValueError(f"paired_bootstrap: diff {diff.shape}, docs {docs.shape}, weights {weights.shape} differ")
-    doc_diff, doc_weight = np.bincount(docs, diff), np.bincount(docs, weights)
-    keep = doc_weight > 0
-    doc_diff, doc_weight = doc_diff[keep], doc_weight[keep]
-
-    def ratio(d, w, axis=-1):
-        return d.sum(axis=axis) / w.sum(axis=axis)
-
-    result = scipy.stats.bootstrap((doc_diff, doc_weight), ratio, paired=True, vectorized=True,
-                                   n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
-                                   random_state=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    return dict(mean=float(ratio(doc_diff, doc_weight)), low=float(low), high=float(high), docs=int(keep.sum()))
+    if not (diff.shape == np.shape(docs) == weights.shape):
+        raise ValueError(f"paired_bootstrap: diff {diff.shape}, docs {np.shape(docs)}, weights {weights.shape} differ")
+    result = ratio_bootstrap(diff, weights, np.asarray(docs), BOOTSTRAP_RESAMPLES, seed)
+    return dict(mean=result.delta_bpb, low=result.low, high=result.high, docs=result.units)
 
 
 # -----------------------------
@@ -269,22 +253,24 @@ def extract_features(model, tokens: Tensor, seq_len: int, stride: int, windows_p
                     torch.cat(gates) if gates else None)
 
 
-def causal_cache_experts(tokens: Tensor, vocab_size: int, orders, chunk_tokens: int, min_count: int):
-    """The cache experts' ([K, N-1] probs, [K, N-1] valid) of every target 1..N-1, as train_gpt.eval_ngram_ttt
-    sees them: the cache starts empty and receives each chunk only after the chunk has been scored."""
+def causal_cache_experts(tokens: Tensor, vocab_size: int, orders, chunk_tokens: int, min_count: int,
+                         discount: float):
+    """The cache experts' ([K, N-1] probs, [K, N-1] valid, [N-1, F] count features) of every target 1..N-1, as
+    train_gpt.eval_ngram_ttt sees them: the cache starts empty, each target also counts its chunk's earlier
+    tokens, and the cache receives each chunk only after the chunk has been scored."""
     import train_gpt as tg
     from ngram_mixer import NgramTables
 
-    cache = NgramTables(vocab_size, orders)
+    cache = NgramTables(vocab_size, (1,) + tuple(orders))
     bounds = tg.chunk_bounds(len(tokens), chunk_tokens)
-    probs, valid, cached_until = [], [], 0
+    probs, valid, features = [], [], []
     for first, end in zip(bounds[:-1], bounds[1:]):
-        p, v = tg.expert_inputs(cache, tokens, torch.arange(first, end), min_count)
+        p, v, f = tg.expert_inputs(cache, tokens, torch.arange(first, end), min_count, discount=discount)
         probs.append(p)
         valid.append(v)
-        cache.extend(tokens[cached_until:end])
-        cached_until = end
-    return torch.cat(probs, dim=1), torch.cat(valid, dim=1)
+        features.append(f)
+        cache.extend(tokens[cache.num_tokens:end])
+    return torch.cat(probs, dim=1), torch.cat(valid, dim=1), torch.cat(features)
 
 
 def best_expert(neural_logprob: Tensor, expert_probs: Tensor, expert_valid: Tensor) -> Tensor:
@@ -337,7 +323,7 @@ def train_mtp_head(variant: str, train: Features, y_train: Tensor, ok_train: Ten
 def mtp_comparison(train: Features, train_tokens: Tensor, val: Features, val_tokens: Tensor, probes: dict,
                    init_bias: Tensor, seeds: int, top_m: int, epochs: int, lr: float, router_lr: float) -> dict:
     """MTP heads h = 2..4 of every variant and seed; per-token results on val targets that have all 4 horizons."""
-    docs = document_ids(val_tokens)[val.positions - 1]
+    docs = torch.from_numpy(document_ids(val_tokens.numpy()))[val.positions - 1]
     # Every variant is scored on the same tokens: those whose horizon-4 target exists.
     scored = horizon_targets(val_tokens, val.positions, max(PROBE_HORIZONS))[1]
     scored_rows = scored.nonzero().squeeze(1)
@@ -387,34 +373,38 @@ def mtp_comparison(train: Features, train_tokens: Tensor, val: Features, val_tok
 
 def gate_nll(gate: RoutedLinear, feats: Features, probs: Tensor, valid: Tensor, floor: float, rows: Tensor):
     """Mixture NLL [B] (nats) at feature rows `rows` with this gate; probs / valid [K, P] are the experts there."""
-    from ngram_mixer import mixture_logprob_from_neural
+    from ngram_mixer import mixture_logprob, mixture_weights
 
-    return -mixture_logprob_from_neural(feats.neural_logprob[rows], probs[:, rows], valid[:, rows],
-                                        gate(feats.states[:, rows]), floor)
+    weights = mixture_weights(gate(feats.states[:, rows]), valid[:, rows], floor)
+    return -mixture_logprob(feats.neural_logprob[rows], probs[:, rows], valid[:, rows], weights)
 
 
 def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_tokens: int, val: Features,
                     val_tokens: Tensor, luts, seeds: int, top_m: int, epochs: int, lr: float, router_lr: float) -> dict:
-    """GATE_INPUT=last vs probe_sparse (and dense), each trained on the frozen leave-one-out training tables with
-    the neural model frozen, scored as the full mixture with the causal val cache (no TTT)."""
+    """GATE_INPUT=last vs probe_sparse (and dense), each trained on the frozen training tables (the trainer's
+    leave-future-out view) with the neural model frozen, scored as the full mixture with the causal val cache (no
+    TTT). The offline gates read hidden states only; the artifact's own gate also reads the count features."""
     import train_gpt as tg
-    from ngram_mixer import NgramTables, mixture_logprob_from_neural
+    from ngram_mixer import NgramTables, mixture_logprob, mixture_weights
 
-    orders = tg.ngram_orders(args)
+    orders = args.ngram_orders
     if not orders or model.gate is None:
         raise ValueError("the gate comparison needs an artifact trained with NGRAM=1 (a gate and n-gram orders)")
-    tables = NgramTables(args.vocab_size, orders)
+    tables = NgramTables(args.vocab_size, (1,) + orders)
     tables.extend(train_stream[:prefill_tokens])
     # Train positions are the first pass over the stream, so stream position == index (no wrap-around).
-    train_probs, train_valid = tg.expert_inputs(tables, train_stream, train.positions, args.ngram_min_count,
-                                                tg.leave_one_out_mask(orders, train.positions, prefill_tokens))
+    in_table = tg.table_mask(tables.orders, torch.arange(len(train_stream)), prefill_tokens)
+    train_probs, train_valid, _ = tg.expert_inputs(tables, train_stream, train.positions, args.ngram_min_count,
+                                                   in_table=in_table, discount=args.ngram_discount)
     del tables
-    val_probs, val_valid = causal_cache_experts(val_tokens, args.vocab_size, orders, args.eval_chunk_tokens,
-                                                args.ngram_min_count)
-    val_probs, val_valid = val_probs[:, val.positions - 1], val_valid[:, val.positions - 1]
+    val_probs, val_valid, val_features = causal_cache_experts(val_tokens, args.vocab_size, orders,
+                                                              args.eval_chunk_tokens, args.ngram_min_count,
+                                                              args.ngram_discount)
+    rows = val.positions - 1
+    val_probs, val_valid, val_features = val_probs[:, rows], val_valid[:, rows], val_features[rows]
     floor = model.neural_floor
     val_bytes = tg.count_target_bytes(val_tokens[val.positions - 1], val_tokens[val.positions], luts).double()
-    docs = document_ids(val_tokens)[val.positions - 1].numpy()
+    docs = document_ids(val_tokens.numpy())[val.positions - 1]
 
     def bpb(nll: Tensor) -> float:
         return float(nll.sum() / math.log(2.0) / val_bytes.sum())
@@ -425,7 +415,10 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     probe_scores = probe_layers(train.states, probe_train, val.states, probe_val, 1 + len(orders), epochs, lr, 7)
     # Router init from the probes' held-out NLL (lower is better); top-1 is flat where one class dominates.
     router_scores = [-x for x in probe_scores["nll"]]
-    own_nll = -mixture_logprob_from_neural(val.neural_logprob, val_probs, val_valid, val.gate_logits, floor).double()
+    with torch.no_grad():
+        own_logits = val.gate_logits + (model.gate_features(val_features) if model.gate_features is not None else 0)
+    own_weights = mixture_weights(own_logits, val_valid, floor)
+    own_nll = -mixture_logprob(val.neural_logprob, val_probs, val_valid, own_weights).double()
     per_variant, per_token = {}, {}
     for variant in GATE_VARIANTS:
         runs = []
@@ -564,9 +557,10 @@ def main(argv=None) -> dict:
                                          opts.seeds, opts.top_m, opts.epochs, opts.lr, opts.router_lr)
         # The offline mixture must be train_gpt's own evaluation (cache, no TTT) with the artifact's gate.
         setup = tg.EvalSetup(model, model.hidden, val_tokens, luts, args.train_seq_len, args.eval_stride,
-                             max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count)
+                             max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
+                             ngram_discount=args.ngram_discount)
         reference = tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
-                                      tg.NgramTables(args.vocab_size, tg.ngram_orders(args)), 0, 0.0, 0.0)
+                                      tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders), tg.TTTConfig())
         result["gate"]["own_gate"]["train_gpt_eval_bpb"] = reference.val_bpb
         result["gate"]["own_gate"]["abs_diff_vs_train_gpt_eval"] = abs(reference.val_bpb -
                                                                        result["gate"]["own_gate"]["bpb"])

@@ -110,11 +110,6 @@ def test_paired_bootstrap_over_documents():
         pr.paired_bootstrap(np.ones(3), np.zeros(4, dtype=int))
 
 
-def test_document_ids_start_at_bos():
-    tokens = torch.tensor([1, 5, 6, 1, 7, 1, 8, 9])
-    assert pr.document_ids(tokens).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
-
-
 def test_cli_rejects_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="ARTIFACT"):
         pr.main([str(tmp_path / "missing.ptz"), "--out", str(tmp_path)])
