@@ -15,6 +15,17 @@ from devkit import (SAMPLE_DATA_DIR, SAMPLE_SHARDS, SAMPLE_TOKENIZER, SAMPLE_TRA
                     SAMPLE_VAL_SHARD, log_fields)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """For tests of small tensors: on a shared 2-core machine OpenMP's barriers make 2 threads ~10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sample_val_tokens():
     """The sample val shard's tokens as a 1-D int64 torch tensor (1,040,060 tokens)."""

@@ -22,12 +22,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ORDERS = (1, 2, 3, 5, 7, 9)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def repetitive_stream(vocab_size, length, seed):

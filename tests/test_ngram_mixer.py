@@ -28,13 +28,7 @@ ORDERS = (2, 3, 4, 5, 6, 7)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # These tensors are small, and on a shared 2-core machine OpenMP's barriers make 2 threads ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def counter_counts(table_tokens, stream, positions, orders):
