@@ -185,7 +185,7 @@ class RoutedGPT(nn.Module):
 
     def __init__(self, model: nn.Module, keep_first: int):
         super().__init__()
-        # train_gpt is imported by the caller after its env is set (the trainer reads env vars at import time).
+        # train_gpt is imported by the caller after its env is set.
         import train_gpt
         num_layers = len(model.blocks)
         if not 1 <= keep_first < num_layers:

@@ -118,7 +118,7 @@ def main():
     if opts.steps is not None:
         env.update(ITERATIONS=str(opts.steps))
     os.environ.update(env)
-    tg = importlib.import_module("train_gpt")  # Hyperparameters reads the environment at import
+    tg = importlib.import_module("train_gpt")  # after the environment is set, as a run sees it
     args = tg.Hyperparameters()
     device = torch.device("cpu")
     opts.workdir.mkdir(parents=True, exist_ok=True)

@@ -252,7 +252,7 @@ def test_presets_name_real_knobs_and_valid_settings(config, world_size, params):
     import sys
     env = read_env_file(REPO_ROOT / "configs" / config)
     assert {name.lower() for name in env} <= set(vars(tg.Hyperparameters()))
-    # Hyperparameters reads the environment when train_gpt is imported: a fresh process.
+    # A fresh process, as a run would start with this preset.
     code = ("import torch, train_gpt as tg; a = tg.Hyperparameters(); tg.validate_hyperparameters(a, "
             f"{world_size}); a.ngram = False; print(sum(p.numel() for p in tg.build_model(a, 'meta').parameters()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=dict(os.environ, **env), check=True,
