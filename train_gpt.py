@@ -130,7 +130,7 @@ class Hyperparameters:
         self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
         # Quantization + compression: per-row int matrices (embedding EMBED_BITS), GPTQ on training tokens, SDClip.
         self.quant_bits = int(os.environ.get("QUANT_BITS", 6))
-        self.embed_bits = int(os.environ.get("EMBED_BITS", 8))
+        self.embed_bits = int(os.environ.get("EMBED_BITS", 7))
         self.gptq_calib_batches = int(os.environ.get("GPTQ_CALIB_BATCHES", 64))  # of TRAIN_BATCH_TOKENS / 8; 0 = RTN
         self.matrix_clip_sigmas = float(os.environ.get("MATRIX_CLIP_SIGMAS", 12.85))  # SDClip k; 0 = clip at abs max
         self.embed_clip_sigmas = float(os.environ.get("EMBED_CLIP_SIGMAS", 20.0))

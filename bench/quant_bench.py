@@ -33,6 +33,8 @@ SCHEMES = {  # name -> (matrix bits, GPTQ, matrix clip k, embedding bits, embedd
     "int6 RTN, abs-max rows (emb int8)": (6, False, 0.0, 8, 0.0),
     "int6 RTN + SDClip k=12.85 (emb int8, k=20)": (6, False, 12.85, 8, 20.0),
     "int6 GPTQ + SDClip k=12.85 (emb int8, k=20)": (6, True, 12.85, 8, 20.0),
+    # int7 embeddings, as in the 1.0611 record (PR #1855)
+    "int6 GPTQ + SDClip k=12.85 (emb int7, k=20)": (6, True, 12.85, 7, 20.0),
 }
 # The sample model's block matrices (at most 256 x 128) are below the trainer's 65,536-element threshold and would
 # all stay fp16; the sample mode lowers it so every block matrix is quantized, as in the full-size model.
