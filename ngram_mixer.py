@@ -45,6 +45,7 @@ small extends cost O(table) each and give byte-identical arrays to one extend of
 three binary searches per (order, position): lower bound of ctx_key*V, upper bound of ctx_key*V + V-1, and lower
 bound of the pair key.
 """
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -306,12 +307,15 @@ class NgramTables:
         self.pair_keys = {n: self.keys[starts[k]:starts[k + 1]] for k, n in enumerate(self.orders)}
         self.cum_counts = {n: self.cum[starts[k] + k:starts[k + 1] + k + 1] for k, n in enumerate(self.orders)}
 
-    def extend(self, tokens: torch.Tensor) -> None:
+    def extend(self, tokens: torch.Tensor, piece_tokens: int = 1 << 26) -> None:
         """Count every n-gram that ends inside tokens ([N] int, ids in [0, V)); contexts reach back into
-        earlier extends. Chunked extends give the same arrays as one extend of the concatenation."""
+        earlier extends. Chunked extends give the same arrays as one extend of the concatenation, so long inputs
+        go in pieces of piece_tokens, which bound the sort's temporary memory."""
         tokens = _as_ids(tokens, "tokens", self.vocab_size, self.device)
-        if tokens.numel() == 0:
-            return
+        for begin in range(0, tokens.numel(), piece_tokens):
+            self._extend_piece(tokens[begin:begin + piece_tokens])
+
+    def _extend_piece(self, tokens: torch.Tensor) -> None:
         # left-pad the kept tail to max_order-1 ids so that every context column is a slice (no gather)
         pad = self.max_order - 1 - self.tail.numel()
         stream = torch.cat([self.tail.new_zeros(pad), self.tail, tokens])
@@ -721,6 +725,52 @@ def mixture_logprob(neural_logprob, expert_probs, expert_valid, weights):
     return torch.logaddexp(neural, log_experts)
 
 
+class OnlineGate:
+    """The gate keeps learning at evaluation, score first: it learns from a chunk only after every target of the
+    chunk has been scored, like test-time training. The gate's training tables can only approximate the eval cache
+    (a fixed prefill of train tokens against a cache that grows from empty), so the gate as trained misjudges the
+    experts' counts; a few steps per scored chunk correct it (analysis/online_gate.py).
+
+    remember(positions, h, neural_logprob, expert_probs, expert_valid, features) keeps one scored batch's targets
+    and mixture inputs (as mixture_weights / mixture_logprob take them); learn(gate_logits, neural_floor, autocast)
+    takes `steps` Adam steps on the mean mixture NLL of everything remembered since the last learn, then forgets
+    it. gate_logits(h, features) -> [P, 1+K]. Under torch.distributed the gradients are summed over processes
+    (each remembers its share of the chunk), so every process keeps the same gate. learned_until: every target
+    the gate has learned from, on any process, is < it (the evaluation checks it before scoring).
+    """
+
+    def __init__(self, params, steps: int, lr: float):
+        self.params, self.steps, self.kept, self.learned_until = list(params), steps, [], 0
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+
+    def remember(self, positions: torch.Tensor, *inputs: torch.Tensor) -> None:
+        self.kept.append((positions, *inputs))
+
+    def learn(self, gate_logits, neural_floor: float, autocast=contextlib.nullcontext) -> None:
+        # torch.cat outside inference mode turns inference tensors into ones autograd may save
+        columns = [torch.cat(part, dim=1 if i in (3, 4) else 0) for i, part in enumerate(zip(*self.kept))]
+        self.kept = []
+        device, distributed = self.params[0].device, dist.is_available() and dist.is_initialized()
+        until = torch.tensor(int(columns[0].max()) + 1 if columns else 0, device=device)
+        count = torch.tensor(float(columns[0].numel()) if columns else 0.0, device=device)
+        if distributed:
+            dist.all_reduce(until, op=dist.ReduceOp.MAX)
+            dist.all_reduce(count)
+        self.learned_until = max(self.learned_until, int(until))
+        for _ in range(self.steps):
+            for p in self.params:
+                p.grad = torch.zeros_like(p)  # dense on every process, even one that scored no target here
+            if columns:
+                _, h, neural_logprob, expert_probs, expert_valid, features = columns
+                with autocast():
+                    weights = mixture_weights(gate_logits(h, features), expert_valid, neural_floor)
+                nll = -mixture_logprob(neural_logprob, expert_probs, expert_valid, weights)
+                (nll.sum() / count).backward()
+            for p in self.params if distributed else ():
+                dist.all_reduce(p.grad)
+            self.optimizer.step()
+
+
 # -----------------------------
 # LEGALITY AUDIT
 # -----------------------------
@@ -737,7 +787,8 @@ class LegalityAudit:
       gold token equals the scored log-probability (max_gold_logp_err);
     - causality: t's window re-scored through the production rule with every token after t replaced by random ids
       gives the same log-probability (max_future_logp_delta). Both windows run with identical shapes, so the
-      delta is exactly 0 unless the score reads the future.
+      delta is 0 unless the score reads the future, up to float32 rounding between the batch's rows (<= 5e-7
+      measured).
     It cannot see a leak through state (the cache, TTT): the evaluation checks those invariants on every chunk."""
 
     def __init__(self, positions: torch.Tensor, seed: int):
@@ -802,6 +853,13 @@ class LegalityAudit:
             dist.all_reduce(count)
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         return int(count[0]), *stats.tolist()
+
+
+def audit_line(stats) -> str:
+    """The run log's line for LegalityAudit.reduce()'s stats (devkit.parse_log reads it)."""
+    count, sum_err, gold_err, future_delta = stats
+    return (f"legality_audit positions:{count} max_abs_sum_err:{sum_err:.3e} max_gold_logp_err:{gold_err:.3e} "
+            f"max_future_logp_delta:{future_delta:.3e}")
 
 
 def audit_fails(stats) -> bool:

@@ -2,7 +2,7 @@
 train_gpt.py: a single-file trainer for the OpenAI "parameter golf" challenge, with a *valid* n-gram mixer.
 
 One run trains a small GPT (<= 10 min on 8xH100) together with a gate that mixes it with exact, normalized
-n-gram experts (ngram_mixer.py), quantizes and zstd-compresses the model into a <= 16,000,000-byte artifact,
+n-gram experts (ngram_mixer.py), quantizes (GPTQ) and compresses the model into a <= 16,000,000-byte artifact,
 reloads that artifact and scores FineWeb validation in bits per byte, twice:
   final_<quant>_roundtrip_exact   the reloaded model alone, sliding-window eval
   final_ngram_ttt_exact           + a causal n-gram cache and test-time training, score-then-update
@@ -10,8 +10,7 @@ reloads that artifact and scores FineWeb validation in bits per byte, twice:
   torchrun --standalone --nproc_per_node=8 train_gpt.py                  # competition run (8xH100)
   set -a; . configs/sample_cpu.env; set +a; python train_gpt.py           # tiny CPU run on the bundled sample
 
-Every knob is an environment variable (class Hyperparameters). The validity rules are stated in EVALUATION.
-Hard cap: 1500 lines.
+Every knob is an environment variable (class Hyperparameters); EVALUATION states the validity rules. Cap: 1500 lines.
 """
 
 from __future__ import annotations
@@ -43,12 +42,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import (LegalityAudit, NgramTables, audit_fails, expert_feature_count, expert_inputs,
-                         mixture_logprob, mixture_weights, table_mask)
+from ngram_mixer import (LegalityAudit, NgramTables, OnlineGate, audit_fails, audit_line, expert_feature_count,
+                         expert_inputs, mixture_logprob, mixture_weights, table_mask)
 
-# -----------------------------
-# HYPERPARAMETERS
-# -----------------------------
+# ----------------------------- HYPERPARAMETERS -----------------------------
 # Defaults are the SP8192 record stack (PR #1493: 11 layers x 512, MLP 4x LeakyReLU(0.5)^2, partial RoPE, depth
 # recurrence, parallel residuals, XSA, MuonEq-R, EMA, GPTQ int6 + SDClip) plus the n-gram mixer and its evaluation.
 # configs/baseline_2024.env restores the March challenge baseline (9 x 512, vocab 1024, int8 per-row + zstd).
@@ -67,9 +64,7 @@ class Hyperparameters:
         self.iterations = int(os.environ.get("ITERATIONS", 20000))
         self.max_wallclock_seconds = float(os.environ.get("MAX_WALLCLOCK_SECONDS", 600.0))
         self.warmup_steps = int(os.environ.get("WARMUP_STEPS", 20))
-        # Linear LR warmdown, either over the last WARMDOWN_ITERS steps (the baseline) or over the last WARMDOWN_FRAC of
-        # the run's progress, wallclock or steps (the records); at most one of them may be set.
-        self.warmdown_iters = int(os.environ.get("WARMDOWN_ITERS", 0))
+        # Linear LR warmdown over the last WARMDOWN_FRAC of the run's progress (wallclock or steps, as the records).
         self.warmdown_frac = float(os.environ.get("WARMDOWN_FRAC", 0.72))
         self.train_batch_tokens = int(os.environ.get("TRAIN_BATCH_TOKENS", 524_288))
         self.train_seq_len = int(os.environ.get("TRAIN_SEQ_LEN", 1024))
@@ -101,6 +96,10 @@ class Hyperparameters:
         self.loop_start = int(os.environ.get("LOOP_START", 3))
         self.loop_end = int(os.environ.get("LOOP_END", 5))
         self.enable_looping_at = float(os.environ.get("ENABLE_LOOPING_AT", 0.35))  # fraction of the run before looping
+        # The 1.0611 record's SmearGate and SparseAttnGate, each reading the first GATE_WINDOW dims of its input.
+        self.gate_window = int(os.environ.get("GATE_WINDOW", 12))
+        self.smear_gate_enabled = bool(int(os.environ.get("SMEAR_GATE_ENABLED", 1)))
+        self.sparse_attn_gate_enabled = bool(int(os.environ.get("SPARSE_ATTN_GATE_ENABLED", 1)))
         # Optimizer: Muon for block matrices, Adam for the embedding, scalars and the gate.
         self.tied_embed_lr = float(os.environ.get("TIED_EMBED_LR", 0.05))
         self.matrix_lr = float(os.environ.get("MATRIX_LR", 0.022))
@@ -117,7 +116,7 @@ class Hyperparameters:
         self.beta1 = float(os.environ.get("BETA1", 0.9))
         self.beta2 = float(os.environ.get("BETA2", 0.95))
         self.adam_eps = float(os.environ.get("ADAM_EPS", 1e-8))
-        self.grad_clip_norm = float(os.environ.get("GRAD_CLIP_NORM", 0.0))
+        self.min_lr = float(os.environ.get("MIN_LR", 0.1))  # the warmdown ends at this fraction of each LR (PR #1787)
         # N-gram mixer: frozen tables from training tokens during training, a score-then-update cache at eval.
         self.ngram = bool(int(os.environ.get("NGRAM", 1)))
         self.ngram_max_order = int(os.environ.get("NGRAM_MAX_ORDER", 7))
@@ -128,12 +127,17 @@ class Hyperparameters:
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
         # Absolute discount of the smoothed experts (bench/experts_bench.py: fitted 0.871 on the sample's first 20%).
         self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
+        # The gate keeps learning at evaluation, score first: Adam steps on each scored chunk (ngram_mixer.OnlineGate).
+        self.ngram_gate_eval_steps = int(os.environ.get("NGRAM_GATE_EVAL_STEPS", 16))
+        self.ngram_gate_eval_lr = float(os.environ.get("NGRAM_GATE_EVAL_LR", 0.01))
         # Quantization + compression: per-row int matrices (embedding EMBED_BITS), GPTQ on training tokens, SDClip.
         self.quant_bits = int(os.environ.get("QUANT_BITS", 6))
         self.embed_bits = int(os.environ.get("EMBED_BITS", 7))
         self.gptq_calib_batches = int(os.environ.get("GPTQ_CALIB_BATCHES", 64))  # of TRAIN_BATCH_TOKENS / 8; 0 = RTN
         self.matrix_clip_sigmas = float(os.environ.get("MATRIX_CLIP_SIGMAS", 12.85))  # SDClip k; 0 = clip at abs max
         self.embed_clip_sigmas = float(os.environ.get("EMBED_CLIP_SIGMAS", 20.0))
+        # LQER (PR #1797): rank-LQER_RANK corrections of the quantization error, on the LQER_TOP_K best-served matrices
+        self.lqer_rank, self.lqer_top_k = int(os.environ.get("LQER_RANK", 4)), int(os.environ.get("LQER_TOP_K", 3))
         self.compressor = os.environ.get("COMPRESSOR", "best")  # zstd, lzma, brotli, or best (smallest of the three)
         # Evaluation, test-time training.
         self.eval_stride = int(os.environ.get("EVAL_STRIDE", 64))
@@ -181,10 +185,11 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
     need(args.compressor in COMPRESSORS + ("best",), f"COMPRESSOR={args.compressor} must be one of "
          f"{', '.join(COMPRESSORS)}, best")
     need(args.gptq_calib_batches >= 0, f"GPTQ_CALIB_BATCHES={args.gptq_calib_batches} must be >= 0")
-    need(not (args.warmdown_iters > 0 and args.warmdown_frac > 0),
-         f"set only one of WARMDOWN_ITERS={args.warmdown_iters} and WARMDOWN_FRAC={args.warmdown_frac}")
     need(0 <= args.warmdown_frac <= 1, f"WARMDOWN_FRAC={args.warmdown_frac} must be in [0, 1]")
     need(0 <= args.ema_decay < 1, f"EMA_DECAY={args.ema_decay} must be in [0, 1)")
+    need(0 <= args.min_lr < 1, f"MIN_LR={args.min_lr} must be in [0, 1)")
+    need(1 <= args.gate_window <= args.model_dim, f"GATE_WINDOW={args.gate_window} must be in [1, MODEL_DIM]")
+    need(args.lqer_rank >= 0 and args.lqer_top_k >= 0, "LQER_RANK and LQER_TOP_K must be >= 0")
     need(args.muon_backend_steps <= len(POLAR_EXPRESS_COEFFS) or not args.muon_polar_express,
          f"MUON_BACKEND_STEPS={args.muon_backend_steps} must be <= 5 with MUON_POLAR_EXPRESS=1")
     need(args.num_loops == 0 or 0 <= args.loop_start <= args.loop_end < args.num_layers,
@@ -203,9 +208,7 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
     need(args.iterations >= 0 and args.warmup_steps >= 0, "ITERATIONS and WARMUP_STEPS must be >= 0")
 
 
-# -----------------------------
-# MUON
-# -----------------------------
+# ----------------------------- MUON -----------------------------
 # Orthogonalized momentum for 2-D weights, from modded-nanogpt (https://kellerjordan.github.io/posts/muon/).
 
 
@@ -283,14 +286,12 @@ def build_optimizers(args: Hyperparameters, model: GPT) -> list[torch.optim.Opti
     Norm gains, residual mixes and skip weights are not decayed: shrinking them changes the function, not a scale."""
     fused = next(model.parameters()).is_cuda
     matrix_params = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
-    matrix_ids = {id(p) for p in matrix_params}
-    scalar_params = [p for p in model.blocks.parameters() if id(p) not in matrix_ids] + [model.skip_weights]
-    scalar_params += [model.skip_gates] if model.skip_gates is not None else []
+    gate_params = model.gate_parameters()
+    others = {id(p) for p in matrix_params + gate_params + [model.tok_emb.weight]}
+    scalar_params = [p for p in model.parameters() if id(p) not in others]
     adam_groups = [dict(params=[model.tok_emb.weight], lr=args.tied_embed_lr, weight_decay=args.embed_wd),
                    dict(params=scalar_params, lr=args.scalar_lr, weight_decay=0.0)]
-    if model.gate is not None:
-        gate_params = list(model.gate.parameters())
-        gate_params += list(model.gate_features.parameters()) if model.gate_features is not None else []
+    if gate_params:
         adam_groups.append(dict(params=gate_params, lr=args.ngram_gate_lr, weight_decay=0.0))
     optimizers = [torch.optim.AdamW(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused),
                   Muon(matrix_params, lr=args.matrix_lr, momentum=args.muon_momentum,
@@ -312,17 +313,10 @@ def training_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> fl
 
 
 def lr_scale(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """Linear warmdown to 0, so a run ends cooled down whether steps or the wallclock cap end it."""
-    if args.warmdown_frac > 0:
-        return min(1.0, (1.0 - training_progress(args, step, elapsed_ms)) / args.warmdown_frac)
-    if args.warmdown_iters <= 0:
-        return 1.0
-    # WARMDOWN_ITERS (the baseline): the last N steps, counted by iterations and by the projected time left.
-    scale = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
-    if args.max_wallclock_seconds > 0 and step > 0:
-        warmdown_ms = args.warmdown_iters * elapsed_ms / step
-        scale = min(scale, max(1000.0 * args.max_wallclock_seconds - elapsed_ms, 0.0) / warmdown_ms)
-    return scale
+    """Linear warmdown to MIN_LR, so a run ends cooled down whether steps or the wallclock cap end it."""
+    progress_left = 1.0 - training_progress(args, step, elapsed_ms)
+    scale = min(1.0, progress_left / args.warmdown_frac) if args.warmdown_frac > 0 else 1.0
+    return args.min_lr + (1.0 - args.min_lr) * scale
 
 
 class EMA:
@@ -344,9 +338,7 @@ class EMA:
         return {name: self.shadow[name].to(t.dtype) for name, t in like.state_dict().items()}
 
 
-# -----------------------------
-# DATA
-# -----------------------------
+# ----------------------------- DATA -----------------------------
 # Shard = 256 little-endian int32 header [magic, version, n_tokens, 0...] + n_tokens little-endian uint16 ids.
 
 SHARD_MAGIC = 20240520
@@ -478,14 +470,7 @@ def count_target_bytes(prev_ids: Tensor, target_ids: Tensor, luts) -> Tensor:
     return base_bytes[target_ids].long() + (leading_space[target_ids] & ~is_boundary[prev_ids]).long()
 
 
-# -----------------------------
-# MODEL
-# -----------------------------
-
-
-class RMSNorm(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.size(-1),))
+# ----------------------------- MODEL -----------------------------
 
 
 class Rotary(nn.Module):
@@ -508,11 +493,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
-                 rope_dims: int = 0, xsa: bool = False):
+    def __init__(self, args: Hyperparameters, xsa: bool = False):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.xsa = xsa
+        dim, num_heads, num_kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, dim // num_heads, xsa
         kv_dim = num_kv_heads * self.head_dim
         self.c_q = nn.Linear(dim, dim, bias=False)
         self.c_k = nn.Linear(dim, kv_dim, bias=False)
@@ -520,8 +504,11 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.proj.zero_init = True
         # A learned per-head temperature on the normalized queries (baseline's q_gain).
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary = Rotary(rope_dims or self.head_dim, rope_base)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base)
+        # SparseAttnGate (PR #1787): head h's output x 2 sigmoid(w_h . x[:GATE_WINDOW]); zero init = the identity.
+        gate_window = args.gate_window if args.sparse_attn_gate_enabled else 0
+        self.head_gate = nn.Parameter(torch.zeros(num_heads, gate_window)) if gate_window else None
 
     def forward(self, x: Tensor) -> Tensor:
         bsz, seq_len, dim = x.shape
@@ -532,10 +519,12 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(seq_len, q.dtype)
         q = apply_rotary(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
         if self.xsa:
             y = exclusive_self_attention(y, v)
+        if self.head_gate is not None:
+            gate = 2.0 * torch.sigmoid(F.linear(x[..., :self.head_gate.size(1)], self.head_gate.to(x.dtype)))
+            y = y * gate.transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim))
 
 
@@ -562,25 +551,42 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_mult: int, rope_base: float,
-                 qk_gain_init: float, negative_slope: float = 0.0, rope_dims: int = 0, xsa: bool = False,
-                 parallel: bool = False, ln_scale: float = 1.0):
+    """Block `layer` of the stack: the XSA, parallel-residual and LN-scale switches depend on the layer index."""
+
+    def __init__(self, args: Hyperparameters, layer: int):
         super().__init__()
-        self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
-        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, rope_base, qk_gain_init, rope_dims, xsa)
-        self.mlp = MLP(dim, mlp_mult, negative_slope)
+        dim = args.model_dim
+        self.attn_norm, self.mlp_norm = (nn.RMSNorm(dim, elementwise_affine=False) for _ in range(2))
+        self.attn = CausalSelfAttention(args, xsa=layer >= args.num_layers - args.xsa_last_n)
+        self.mlp = MLP(dim, args.mlp_mult, args.mlp_negative_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # Each block may mix the embedding x0 back into its input (baseline's resid_mix).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         # Parallel residual (GPT-J style, PR #1493 stack): attention and MLP both read the block's input.
-        self.parallel, self.ln_scale = parallel, ln_scale
+        self.parallel = 0 <= args.parallel_residual_start <= layer
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if args.ln_scale else 1.0
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         x = self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
         attn_out = self.attn_scale.to(x.dtype) * self.attn(self.attn_norm(x) * self.ln_scale)
         mlp_in = x if self.parallel else x + attn_out
         return x + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(self.mlp_norm(mlp_in) * self.ln_scale)
+
+
+class SmearGate(nn.Module):
+    """SmearGate (PR #1797) with the BOS fix (PR #1851): x_t + lambda * sigmoid(w . x_t[:window]) * x_{t-1}, a
+    cheap bigram path into the embedding. Zero where token t is BOS, so a document's first token does not absorb
+    the previous document's last one. lambda starts at 0: training starts from the model without it."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.weight, self.scale = nn.Parameter(torch.zeros(window)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, input_ids: Tensor, bos_id: Tensor) -> Tensor:  # [B, T, D], [B, T] -> [B, T, D]
+        gate = self.scale.to(x.dtype) * torch.sigmoid(x[:, 1:, :self.weight.numel()] @ self.weight.to(x.dtype))
+        gate = gate * (input_ids[:, 1:] != bos_id)
+        return torch.cat((x[:, :1], x[:, 1:] + gate[..., None] * x[:, :-1]), dim=1)
 
 
 def virtual_layers(num_layers: int, num_loops: int, loop_start: int, loop_end: int) -> list[int]:
@@ -591,50 +597,46 @@ def virtual_layers(num_layers: int, num_loops: int, loop_start: int, loop_end: i
 
 
 class GPT(nn.Module):
-    """The baseline GPT (U-net skips, tied embeddings, tanh soft-cap) with the record stack's switches, and with
-    `num_experts` > 0 a gate Linear(model_dim -> 1 + num_experts) over the neural slot 0 and the n-gram experts."""
+    """The baseline GPT (U-net skips, tied embeddings, tanh soft-cap) with the record stack's switches, built from
+    `args` like nanoGPT from its config; with the mixer on, a gate Linear(model_dim -> 1 + K) over the neural slot 0
+    and the K n-gram experts. `bos_id` (the tokenizer's) is for SmearGate, a buffer that the artifact carries."""
 
-    def __init__(self, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
-                 mlp_mult: int, rope_base: float, logit_softcap: float, qk_gain_init: float,
-                 tied_embed_init_std: float, num_experts: int = 0, neural_floor: float = 0.05,
-                 mixture_loss_weight: float = 0.1, num_expert_features: int = 0, negative_slope: float = 0.0,
-                 rope_dims: int = 0, ln_scale: bool = False, skip_gates: bool = False,
-                 parallel_residual_start: int = -1, xsa_last_n: int = 0, num_loops: int = 0, loop_start: int = 0,
-                 loop_end: int = -1):
+    def __init__(self, args: Hyperparameters, bos_id: int = -1):
         super().__init__()
-        self.logit_softcap = logit_softcap
-        self.neural_floor, self.mixture_loss_weight = neural_floor, mixture_loss_weight
-        self.tok_emb = nn.Embedding(vocab_size, model_dim)
-        self.blocks = nn.ModuleList(
-            Block(model_dim, num_heads, num_kv_heads, mlp_mult, rope_base, qk_gain_init, negative_slope, rope_dims,
-                  xsa=i >= num_layers - xsa_last_n, parallel=0 <= parallel_residual_start <= i,
-                  ln_scale=1.0 / math.sqrt(i + 1) if ln_scale else 1.0)
-            for i in range(num_layers))
+        num_layers, model_dim, num_experts = args.num_layers, args.model_dim, len(args.ngram_orders)
+        self.logit_softcap = args.logit_softcap
+        self.neural_floor, self.mixture_loss_weight = args.ngram_neural_floor, args.ngram_loss_weight
+        self.tok_emb = nn.Embedding(args.vocab_size, model_dim)
+        self.blocks = nn.ModuleList(Block(args, i) for i in range(num_layers))
+        self.smear = SmearGate(args.gate_window) if args.smear_gate_enabled else None
+        self.register_buffer("bos_id", torch.tensor(bos_id), persistent=self.smear is not None)
         self.plain_layers = list(range(num_layers))
-        self.looped_layers = virtual_layers(num_layers, num_loops, loop_start, loop_end)
+        self.looped_layers = virtual_layers(num_layers, args.num_loops, args.loop_start, args.loop_end)
         self.execution_order = self.plain_layers
         # The first half of the (virtual) layers stores skips that the second half adds back in reverse order;
         # sized for the looped order, whose first rows the plain order uses.
         num_skips = len(self.looped_layers) // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, model_dim))
-        self.skip_gates = nn.Parameter(torch.zeros(num_skips, model_dim)) if skip_gates else None
-        self.final_norm = RMSNorm()
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, model_dim)) if args.skip_gates else None
+        self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)
         self.gate = nn.Linear(model_dim, 1 + num_experts) if num_experts else None
         # The experts' prefix-only count features (expert_inputs) shift the gate's logits.
-        self.gate_features = nn.Linear(num_expert_features, 1 + num_experts, bias=False) \
-            if num_experts and num_expert_features else None
-        nn.init.normal_(self.tok_emb.weight, std=tied_embed_init_std)
+        self.gate_features = nn.Linear(expert_feature_count(num_experts), 1 + num_experts, bias=False) \
+            if num_experts else None
+        nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
                 nn.init.zeros_(module.weight)
         if self.gate is not None:
-            # Start by trusting the neural model: zero weights, bias +2 on the neural slot (PR #834's init).
+            # Start by trusting the neural model (PR #834's init): zero weights, so the count features start without
+            # effect, and bias +2 on the neural slot.
             nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate_features.weight)
             with torch.no_grad():
                 self.gate.bias.zero_()[0] = 2.0
-        if self.gate_features is not None:
-            # zero: training starts from the gate of h_t alone, as before the features existed
-            nn.init.zeros_(self.gate_features.weight)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [p for m in (self.gate, self.gate_features) if m is not None for p in m.parameters()]
 
     def set_recurrence(self, active: bool) -> None:
         """Switch depth recurrence on (the looped execution order) or off; torch.compile recompiles once."""
@@ -643,6 +645,8 @@ class GPT(nn.Module):
     def layer_states(self, input_ids: Tensor) -> list[Tensor]:  # [B, T] int64 -> per virtual layer [B, T, D]
         """The residual stream after each virtual layer, in execution order (analysis tools probe these)."""
         x = x0 = F.rms_norm(self.tok_emb(input_ids), (self.tok_emb.embedding_dim,))
+        if self.smear is not None:
+            x = x0 = self.smear(x, input_ids, self.bos_id)
         num_encoder = len(self.execution_order) // 2
         skips, states = [], []
         for i, block_index in enumerate(self.execution_order):
@@ -671,7 +675,7 @@ class GPT(nn.Module):
     def gate_logits(self, h: Tensor, features: Tensor | None = None) -> Tensor:
         """[..., D] hidden states and [..., F] expert features (expert_inputs) -> [..., 1 + K] float32 logits."""
         logits = self.gate(h).float()
-        if features is None or self.gate_features is None:
+        if features is None:
             return logits
         return logits + self.gate_features(features.to(self.gate_features.weight.dtype)).float()
 
@@ -692,20 +696,7 @@ class GPT(nn.Module):
         return ce + self.mixture_loss_weight * mix_nll, ce.detach(), mix_nll.detach()
 
 
-def build_model(args: Hyperparameters, device: torch.device) -> GPT:
-    return GPT(args.vocab_size, args.num_layers, args.model_dim, args.num_heads, args.num_kv_heads, args.mlp_mult,
-               args.rope_base, args.logit_softcap, args.qk_gain_init, args.tied_embed_init_std,
-               num_experts=len(args.ngram_orders), neural_floor=args.ngram_neural_floor,
-               mixture_loss_weight=args.ngram_loss_weight,
-               num_expert_features=expert_feature_count(len(args.ngram_orders)), negative_slope=args.mlp_negative_slope,
-               rope_dims=args.rope_dims, ln_scale=args.ln_scale, skip_gates=args.skip_gates,
-               parallel_residual_start=args.parallel_residual_start, xsa_last_n=args.xsa_last_n,
-               num_loops=args.num_loops, loop_start=args.loop_start, loop_end=args.loop_end).to(device)
-
-
-# -----------------------------
-# EVALUATION
-# -----------------------------
+# ----------------------------- EVALUATION -----------------------------
 # Every target t in [1, N) of the val stream is scored exactly once, from a distribution over the whole vocabulary
 # that depends only on tokens < t: the model reads a causal window, the n-gram cache holds only tokens of earlier
 # chunks, and test-time training (TTT) learns from a chunk only after all its targets are scored. The legality
@@ -759,9 +750,9 @@ def forward_windows(setup: EvalSetup, stream: Tensor, start: Tensor, lo: Tensor,
 
 
 def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tensor, stream: Tensor,
-        positions: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        positions: Tensor, targets: Tensor | None = None, online_gate: OnlineGate | None = None):
     """The scoring rule: log p(target) [P] of the full system and its mixing weights [P, 1+K] (None without the
-    cache), from hidden states h [P, D] and the neural log-probabilities of the targets [P]."""
+    cache), from hidden states h [P, D] and the targets' neural log-probabilities [P]; online_gate keeps the inputs."""
     if cache is None:
         return neural_lp, None
     probs, valid, features = expert_inputs(cache, stream, positions, setup.min_count, targets,
@@ -769,6 +760,8 @@ def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tenso
     with setup.autocast():
         gate_logits = setup.model.gate_logits(h, features)
     weights = mixture_weights(gate_logits, valid, setup.model.neural_floor)
+    if online_gate is not None:
+        online_gate.remember(positions, h, neural_lp, probs, valid, features)
     return mixture_logprob(neural_lp, probs, valid, weights), weights
 
 
@@ -786,25 +779,22 @@ class TargetRecord:
         if weights is not None:
             self.weights[positions - 1] = weights.float()
 
-    def all_reduce(self) -> None:
-        # every target was written by exactly one rank, the others hold zeros there
-        for tensor in (self.nll, self.neural_nll, self.weights):
-            all_reduce(tensor)
-
 
 @torch.inference_mode()
 def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None = None,
-               audit: LegalityAudit | None = None, record: TargetRecord | None = None) -> Tensor:
+               audit: LegalityAudit | None = None, record: TargetRecord | None = None,
+               online_gate: OnlineGate | None = None) -> Tensor:
     """Score this rank's share of the windows covering targets [first, end); returns [neural NLL, system NLL,
     bytes, tokens] (float64 sums). With `cache`, the n-gram experts join through the model's gate; the cache must
-    hold only tokens < first and TTT must not have learned from any target >= first (checked here, where the
+    hold only tokens < first, and TTT and the gate must not have learned from a target >= first (checked here, where the
     scores are made: a violation raises)."""
     tokens, device = setup.tokens, setup.tokens.device
     if cache is not None:
         cache.check_holds_only_before(tokens, first)
-    if setup.ttt_trained_until > first:
-        raise RuntimeError(f"causality violated: scoring targets from {first} after TTT learned targets up to "
-                           f"{setup.ttt_trained_until - 1}")
+    for learner, until in (("TTT", setup.ttt_trained_until), ("the gate", getattr(online_gate, "learned_until", 0))):
+        if until > first:
+            raise RuntimeError(f"causality violated: scoring targets from {first} after {learner} learned from "
+                               f"targets up to {until - 1}")
     start, lo, hi = (t.to(device) for t in window_schedule(first, end, setup.seq_len, setup.stride))
     n = len(start)
     share = slice(n * setup.rank // setup.world_size, n * (setup.rank + 1) // setup.world_size)
@@ -815,7 +805,7 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
         positions, h, log_probs = forward_windows(setup, tokens, *windows)
         targets = tokens[positions]
         neural_lp = log_probs.gather(1, targets[:, None]).squeeze(1)
-        mixed_lp, weights = mix(setup, cache, h, neural_lp, tokens, positions)
+        mixed_lp, weights = mix(setup, cache, h, neural_lp, tokens, positions, online_gate=online_gate)
         if audit is not None:
             audit.check(lambda *a: mix(setup, cache, *a), lambda *a: forward_windows(setup, *a), tokens,
                         setup.seq_len, windows, positions, h, log_probs, mixed_lp)
@@ -896,22 +886,26 @@ class TTTConfig:
     momentum: float = 0.9
     cosine: bool = True
     grad_clip: float = 1.0
+    gate_steps: int = 0  # the online gate's Adam steps per scored chunk; 0 = the gate stays as trained
+    gate_lr: float = 0.01
 
 
 def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | None, ttt: TTTConfig,
                    audit: LegalityAudit | None = None, record: TargetRecord | None = None) -> EvalResult:
-    """Score-then-update over the chunks [bounds[i], bounds[i+1]): score every target of the chunk (neural +
-    cache experts + gate), THEN extend the cache with the chunk, THEN train on it (TTT). `cache` must start empty
-    (it is identical on all ranks); nothing of a chunk reaches the cache or the weights before it is scored."""
+    """Score-then-update over the chunks [bounds[i], bounds[i+1]): score every target of the chunk, THEN extend the
+    cache with it, THEN learn from it (online gate, TTT). `cache` must start empty (it is identical on all ranks);
+    nothing of a chunk reaches the cache or the weights before it is scored."""
     tokens, device = setup.tokens, setup.tokens.device
-    # TTT adapts every transformer weight; the gate has no CE gradient and stays as trained.
+    online_gate = OnlineGate(setup.model.gate_parameters(), ttt.gate_steps, ttt.gate_lr) \
+        if cache is not None and ttt.gate_steps > 0 else None
+    # TTT adapts every transformer weight with the CE; the gate learns from the mixture NLL (online_gate).
     params = [p for name, p in setup.model.named_parameters() if not name.startswith(("gate.", "gate_features."))]
     optimizer = torch.optim.SGD(params, lr=ttt.lr, momentum=ttt.momentum) if ttt.epochs > 0 else None
     for p in params:
         # Dense zero grads on every rank, even one without sequences in a chunk, so the all-reduce always matches.
         p.grad = torch.zeros_like(p) if optimizer else None
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    time_ms = dict(score=0.0, cache=0.0, ttt=0.0)
+    time_ms = dict(score=0.0, cache=0.0, gate=0.0, ttt=0.0)
     setup.model.eval()
 
     def timed(key, fn, *fn_args):
@@ -925,11 +919,13 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
 
     n_learn = len(bounds) - 2  # the last chunk is never learned from
     for i, (first, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        sums += timed("score", score_span, setup, first, end, cache, audit, record)
+        sums += timed("score", score_span, setup, first, end, cache, audit, record, online_gate)
         if i == n_learn:
             break  # nothing is left to score, so the last chunk need not be learned from
         if cache is not None:
             timed("cache", cache.extend, tokens[cache.num_tokens:end])
+        if online_gate is not None:
+            timed("gate", online_gate.learn, setup.model.gate_logits, setup.model.neural_floor, setup.autocast)
         if optimizer is not None:
             lr = ttt.lr * (0.5 * (1 + math.cos(math.pi * i / n_learn)) if ttt.cosine else 1.0)
             timed("ttt", ttt_on_chunk, setup, optimizer, params, first, end, ttt.epochs, lr, ttt.grad_clip)
@@ -938,8 +934,8 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
         time_ms["audit"] = audit.time_ms
     time_ms["total"] = sum(time_ms.values())
     neural_nll, nll, n_bytes, n_tokens = all_reduce(sums).tolist()
-    if record is not None:
-        record.all_reduce()
+    for tensor in (record.nll, record.neural_nll, record.weights) if record is not None else ():
+        all_reduce(tensor)  # every target was written by exactly one rank, the others hold zeros there
     return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
                       int(n_bytes), time_ms, audit.reduce() if audit is not None else None)
 
@@ -956,9 +952,7 @@ def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, tokens
              val_loss=np.float64(result.val_loss), run_id=np.str_(run_id))
 
 
-# -----------------------------
-# QUANTIZATION + COMPRESSION
-# -----------------------------
+# ----------------------------- QUANTIZATION + COMPRESSION -----------------------------
 # The score is always that of the artifact: quantize, compress, write, read back, decompress, dequantize, eval.
 
 QUANT_MIN_NUMEL = 65_536  # smaller tensors (norm scales, residual mixes, the gate) stay fp16: few bytes, touchy
@@ -1025,16 +1019,26 @@ def gptq_quantize(w: Tensor, hessian: Tensor, scale: Tensor, qmax: int, block: i
     return q[:, torch.argsort(perm)]
 
 
+def lqer_factors(error: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """LQER (PR #1797): the best rank-`rank` approximation A @ B of a matrix's quantization error, as fp16 factors
+    [R, rank] and [rank, C], and the squared error it removes (the top singular values squared)."""
+    u, s, vh = torch.linalg.svd(error, full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).half(), (root[:, None] * vh[:rank]).half(), float(s[:rank].square().sum())
+
+
 def quantize_state_dict(state_dict: dict[str, Tensor], bits: int, hessians: dict[str, Tensor] | None = None,
-                        clip_sigmas: float = 0.0, embed_bits: int | None = None,
-                        embed_clip_sigmas: float = 0.0) -> dict:
+                        clip_sigmas: float = 0.0, embed_bits: int | None = None, embed_clip_sigmas: float = 0.0,
+                        lqer_rank: int = 0, lqer_top_k: int = 0) -> dict:
     """Per-row symmetric quantization of the large matrices to [-qmax, qmax] (int8 storage; int6 values compress
     better) with one fp16 scale per row: GPTQ where `hessians` has the matrix, round-to-nearest elsewhere. The
     embedding gets embed_bits / embed_clip_sigmas (default: as the matrices); every other tensor is stored fp16.
+    The lqer_top_k matrices whose rank-lqer_rank error correction removes the most squared error keep it.
     Runs where the tensors are (GPTQ's column loop is thousands of small steps: on GPU it takes seconds)."""
     gptq = bool(hessians)
     blob = {"__format__": f"int{bits}{'_gptq' if gptq else ''}_v1", "quantized": {}, "scales": {}, "float16": {},
             "dtypes": {}}
+    corrections = []
     for name, tensor in state_dict.items():
         t = tensor.detach().float()
         blob["dtypes"][name] = str(tensor.dtype).removeprefix("torch.")
@@ -1047,13 +1051,19 @@ def quantize_state_dict(state_dict: dict[str, Tensor], bits: int, hessians: dict
             else:
                 q = torch.round(t / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
             blob["quantized"][name], blob["scales"][name] = q.cpu(), scale.cpu()
+            if lqer_rank > 0 and lqer_top_k > 0:
+                *factors, removed = lqer_factors(t - q.float() * scale.float()[:, None], lqer_rank)
+                corrections.append((removed, name, [f.cpu() for f in factors]))
         else:
             blob["float16"][name] = t.half().cpu()
+    blob["lqer"] = {name: factors for _, name, factors in sorted(corrections, reverse=True)[:lqer_top_k]}
     return blob
 
 
 def dequantize_state_dict(blob: dict) -> dict[str, Tensor]:
     tensors = {name: q.float() * blob["scales"][name].float()[:, None] for name, q in blob["quantized"].items()}
+    for name, (a, b) in blob.get("lqer", {}).items():
+        tensors[name] += a.float() @ b.float()
     tensors.update((name, t.float()) for name, t in blob["float16"].items())
     return {name: tensors[name].to(getattr(torch, dtype)) for name, dtype in blob["dtypes"].items()}
 
@@ -1117,8 +1127,6 @@ def artifact_label(blob: dict) -> str:
 def calibration_batches(args: Hyperparameters, rank: int, world_size: int, device: torch.device) -> list[Tensor]:
     """This rank's share of GPTQ_CALIB_BATCHES batches ([B, TRAIN_SEQ_LEN] int64) from the start of the train
     stream: training tokens only, the same batches whatever the world size."""
-    if args.gptq_calib_batches == 0:
-        return []
     stream = TokenStream(list_shards(args.data_path, "train"), args.vocab_size)
     batch_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
     batches = [stream.take(batch_tokens) for _ in range(args.gptq_calib_batches)]
@@ -1135,22 +1143,20 @@ def export_artifact(args: Hyperparameters, model: GPT, ema: EMA | None, calib_ba
     if not master:
         return b""
     blob = quantize_state_dict(model.state_dict(), args.quant_bits, hessians, args.matrix_clip_sigmas,
-                               args.embed_bits, args.embed_clip_sigmas)
+                               args.embed_bits, args.embed_clip_sigmas, args.lqer_rank, args.lqer_top_k)
     return compress_artifact(blob, args.compressor)
 
 
 def model_from_artifact(args: Hyperparameters, path: Path, device: torch.device) -> GPT:
     """A fresh model built from the artifact's bytes alone, as the evaluation and the analysis tools load it.
     A trained model ends with depth recurrence on, so the reloaded one runs it too."""
-    model = build_model(args, device)
+    model = GPT(args).to(device)
     model.load_state_dict(dequantize_state_dict(load_artifact(Path(path))))
     model.set_recurrence(True)
     return model
 
 
-# -----------------------------
-# TRAINING
-# -----------------------------
+# ----------------------------- TRAINING -----------------------------
 # main() runs the phases in order: start_run -> train_model (n-gram prefill, warmup, the timed loop) ->
 # export_artifact -> evaluate_artifact. They share one Run: settings, process layout, logging and the val data.
 
@@ -1302,8 +1308,6 @@ def optimizer_step(args: Hyperparameters, trainer: Trainer, step: int, lr_multip
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_multiplier
-    if args.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trainer.base_model.parameters(), args.grad_clip_norm)
     for opt in trainer.optimizers:
         opt.step()
     for opt in trainer.optimizers:
@@ -1318,10 +1322,8 @@ def build_trainer(run: Run, train_files: list[Path]) -> Trainer:
         stream = TokenStream(train_files, args.vocab_size)
         prefill_tokens = min(args.ngram_prefill_tokens, stream.total_tokens)
         tables = NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=run.device)
-        # Pieces of 64M tokens bound the sort's temporary memory; chunked extends give identical tables.
-        for begin in range(0, prefill_tokens, 1 << 26):
-            tables.extend(stream.take(min(1 << 26, prefill_tokens - begin)).to(run.device, torch.int64))
-    base_model = build_model(args, run.device)
+        tables.extend(stream.take(prefill_tokens).to(run.device, torch.int64))
+    base_model = GPT(args, run.bos_id).to(run.device)
     # DDP wraps the compiled module (as in the baseline); the optimizers hold the uncompiled parameters.
     compiled = torch.compile(base_model) if run.compile_model else base_model
     model = DDP(compiled, device_ids=[run.device.index] if run.device.type == "cuda" else None,
@@ -1423,10 +1425,10 @@ def train_model(run: Run) -> Trainer:
 
 
 def write_artifact(run: Run, trainer: Trainer) -> Path:
-    """Export (EMA weights, GPTQ Hessians on every rank), rank 0 writes; after the barrier every rank can reload."""
+    """Export (EMA weights, GPTQ Hessians on every rank), rank 0 writes; after the barrier every rank can reload.
+    No autocast: under it the Hessian sums and GPTQ's error propagation would be bf16 matmuls."""
     calib = calibration_batches(run.args, run.rank, run.world_size, run.device)
-    with run.autocast():
-        artifact = export_artifact(run.args, trainer.base_model, trainer.ema, calib, run.rank == 0)
+    artifact = export_artifact(run.args, trainer.base_model, trainer.ema, calib, run.rank == 0)
     if run.rank == 0:
         run.artifact_path.write_bytes(artifact)
     if run.distributed:
@@ -1464,13 +1466,11 @@ def evaluate_artifact(run: Run, path: Path) -> None:
             cache = NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=run.device)
             audit = LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device)
         ttt = TTTConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
-                        args.ttt_grad_clip)
+                        args.ttt_grad_clip, args.ngram_gate_eval_steps, args.ngram_gate_eval_lr)
         result = eval_ngram_ttt(setup, chunk_bounds(len(run.val_tokens), args.eval_chunk_tokens), cache, ttt,
                                 audit, record)
         if result.audit is not None:
-            count, sum_err, gold_err, future_delta = result.audit
-            run.log(f"legality_audit positions:{count} max_abs_sum_err:{sum_err:.3e} "
-                    f"max_gold_logp_err:{gold_err:.3e} max_future_logp_delta:{future_delta:.3e}")
+            run.log(audit_line(result.audit))
             if audit_fails(result.audit):
                 run.log("LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1, does not match its score, "
                         "or depends on later tokens")

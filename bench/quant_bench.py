@@ -28,14 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from devkit import read_env_file  # noqa: E402
 
-SCHEMES = {  # name -> (matrix bits, GPTQ, matrix clip k, embedding bits, embedding clip k)
-    "int8 RTN, abs-max rows": (8, False, 0.0, 8, 0.0),
-    "int6 RTN, abs-max rows (emb int8)": (6, False, 0.0, 8, 0.0),
-    "int6 RTN + SDClip k=12.85 (emb int8, k=20)": (6, False, 12.85, 8, 20.0),
-    "int6 GPTQ + SDClip k=12.85 (emb int8, k=20)": (6, True, 12.85, 8, 20.0),
+SCHEMES = {  # name -> (matrix bits, GPTQ, matrix clip k, embedding bits, embedding clip k, LQER rank, LQER top k)
+    "int8 RTN, abs-max rows": (8, False, 0.0, 8, 0.0, 0, 0),
+    "int6 RTN, abs-max rows (emb int8)": (6, False, 0.0, 8, 0.0, 0, 0),
+    "int6 RTN + SDClip k=12.85 (emb int8, k=20)": (6, False, 12.85, 8, 20.0, 0, 0),
+    "int6 GPTQ + SDClip k=12.85 (emb int8, k=20)": (6, True, 12.85, 8, 20.0, 0, 0),
+    # LQER rank-4 corrections on the 3 matrices they serve best (PR #1797), fp16 factors
+    "int6 GPTQ + SDClip + LQER r4 top3 (emb int8)": (6, True, 12.85, 8, 20.0, 4, 3),
     # int7 embeddings, as in the 1.0611 record (PR #1855)
-    "int6 GPTQ + SDClip k=12.85 (emb int7, k=20)": (6, True, 12.85, 7, 20.0),
+    "int6 GPTQ + SDClip k=12.85 (emb int7, k=20)": (6, True, 12.85, 7, 20.0, 0, 0),
+    "int6 GPTQ + SDClip + LQER r4 top3 (emb int7)": (6, True, 12.85, 7, 20.0, 4, 3),
 }
+DEFAULT_SCHEME = "int6 GPTQ + SDClip + LQER r4 top3 (emb int7)"  # train_gpt.py's defaults
 # The sample model's block matrices (at most 256 x 128) are below the trainer's 65,536-element threshold and would
 # all stay fp16; the sample mode lowers it so every block matrix is quantized, as in the full-size model.
 SAMPLE_QUANT_MIN_NUMEL = 8192
@@ -44,7 +48,7 @@ SAMPLE_QUANT_MIN_NUMEL = 8192
 def train_checkpoint(tg, args, path: Path) -> None:
     """The trainer's train step without the mixer (main() minus logging, DDP and the wallclock)."""
     torch.manual_seed(args.seed)
-    model = tg.build_model(args, torch.device("cpu"))
+    model = tg.GPT(args)
     optimizers, ema = tg.build_optimizers(args, model), tg.EMA(model, args.ema_decay)
     local_tokens = args.train_batch_tokens // tg.MICRO_BATCHES_PER_STEP
     loader = tg.DistributedTokenLoader(tg.list_shards(args.data_path, "train"), 0, 1, torch.device("cpu"),
@@ -84,9 +88,10 @@ def measure(tg, state, hessians, score, workdir: Path, schemes):
     """Rows of [scheme, BPB or '-', quantize time, bytes per compressor...]."""
     rows = []
     for name in schemes:
-        bits, gptq, clip, embed_bits, embed_clip = SCHEMES[name]
+        bits, gptq, clip, embed_bits, embed_clip, lqer_rank, lqer_top_k = SCHEMES[name]
         t0 = time.perf_counter()
-        blob = tg.quantize_state_dict(state, bits, hessians if gptq else None, clip, embed_bits, embed_clip)
+        blob = tg.quantize_state_dict(state, bits, hessians if gptq else None, clip, embed_bits, embed_clip,
+                                      lqer_rank, lqer_top_k)
         quant_s = time.perf_counter() - t0
         sizes = []
         for compressor in tg.COMPRESSORS:
@@ -111,7 +116,7 @@ def main():
                         help="GPTQ calibration batches (default: the sample config's 8 x 1,024 tokens; full-shapes: "
                              "4 x 2 random sequences, a CPU-sized stand-in)")
     parser.add_argument("--schemes", default=None, help="comma-separated SCHEMES keys' prefixes (default: all for "
-                        "sample, the default int6 GPTQ + SDClip for full-shapes)")
+                        "sample; for full-shapes DEFAULT_SCHEME, train_gpt.py's defaults)")
     parser.add_argument("--workdir", type=Path, default=Path("quant_bench_out"))
     opts = parser.parse_args()
     env = read_env_file(REPO / "configs" / "sample_cpu.env") if opts.mode == "sample" else {}
@@ -126,7 +131,7 @@ def main():
     opts.workdir.mkdir(parents=True, exist_ok=True)
     default_calib = args.gptq_calib_batches if opts.mode == "sample" else 4
     calib_batches = opts.calib_batches if opts.calib_batches is not None else default_calib
-    prefixes = opts.schemes.split(",") if opts.schemes else (["int"] if opts.mode == "sample" else ["int6 GPTQ"])
+    prefixes = opts.schemes.split(",") if opts.schemes else (["int"] if opts.mode == "sample" else [DEFAULT_SCHEME])
     schemes = [name for name in SCHEMES if any(name.startswith(p) for p in prefixes)]
     if opts.mode == "sample":
         if not opts.checkpoint.is_file():
@@ -134,7 +139,7 @@ def main():
             train_checkpoint(tg, args, opts.checkpoint)
         tg.QUANT_MIN_NUMEL = SAMPLE_QUANT_MIN_NUMEL
         state = torch.load(opts.checkpoint, map_location="cpu", weights_only=True)
-        model = tg.build_model(args, device)
+        model = tg.GPT(args).to(device)
         model.load_state_dict(state)
         model.set_recurrence(True)
         args.gptq_calib_batches = calib_batches
@@ -152,7 +157,7 @@ def main():
               f"(stride {args.eval_stride}, seq {args.train_seq_len})", flush=True)
     else:
         torch.manual_seed(0)
-        model = tg.build_model(args, device)
+        model = tg.GPT(args).to(device)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.ndim == 2:

@@ -4,7 +4,7 @@
   python bench/trainer_bench.py --gpu        # one GPU: baseline config (9x512, 524,288 tokens/step, seq 1024)
 
 GPU mode also scores the whole sample val shard with the cache and TTT (the eval-time projection) and runs at
-full LR (WARMDOWN_ITERS=0), so its first steps' train loss compares with a 20000-step baseline run. Both modes
+full LR (WARMDOWN_FRAC=0), so its first steps' train loss compares with a 20000-step baseline run. Both modes
 train on the bundled sample (628K train tokens): past the first epoch the loss reflects memorization.
 """
 import argparse
@@ -30,7 +30,7 @@ def main():
     if args.gpu:
         steps, repeats = args.steps or 200, args.repeats or 1
         # The baseline model (configs/baseline_2024.env) on the sp1024 sample, at full LR.
-        base = dict(read_env_file(REPO / "configs" / "baseline_2024.env"), **sample, WARMDOWN_ITERS="0",
+        base = dict(read_env_file(REPO / "configs" / "baseline_2024.env"), **sample, WARMDOWN_FRAC="0",
                     WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="20", MAX_WALLCLOCK_SECONDS="0")
         settings = {"ngram": dict(NGRAM="1", TTT="1", ITERATIONS=str(steps)),
                     "plain": dict(NGRAM="0", TTT="0", ITERATIONS=str(steps // 2), VAL_MAX_TOKENS="131072")}

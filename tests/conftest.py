@@ -36,16 +36,34 @@ def sample_val_tokens():
     return torch.from_numpy(raw.astype(np.int64))
 
 
+# Every switch of the model stack off: a GPT of these settings is the March baseline's model, without the mixer.
+BASELINE_MODEL = dict(mlp_negative_slope=0.0, rope_dims=0, ln_scale=False, skip_gates=False,
+                      parallel_residual_start=-1, xsa_last_n=0, num_loops=0, smear_gate_enabled=False,
+                      sparse_attn_gate_enabled=False, ngram=False)
+
+
+def model_args(**settings):
+    """train_gpt.Hyperparameters (the defaults) with `settings` set by attribute name; an unknown name raises."""
+    import train_gpt
+
+    args = train_gpt.Hyperparameters()
+    for name, value in settings.items():
+        if not hasattr(args, name):
+            raise AttributeError(f"train_gpt.Hyperparameters has no attribute {name!r}")
+        setattr(args, name, value)
+    return args
+
+
 # A trainer configuration small enough for tests: seconds per run on 2 CPU cores.
 TINY_ENV = dict(
     DATA_PATH=str(SAMPLE_SHARDS), TOKENIZER_PATH=str(SAMPLE_TOKENIZER), NUM_LAYERS="2", MODEL_DIM="64",
     NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="4",
-    WARMUP_STEPS="0", WARMDOWN_ITERS="2", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0",
+    WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0",
     VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="4096", EVAL_STRIDE="32", EVAL_CHUNK_TOKENS="1024",
     NGRAM_PREFILL_TOKENS="50000", TTT_EPOCHS="1", AUDIT_POSITIONS="32", SEED="1337",
     # The sample is sp1024; a 2-block model loops block 1 once from mid-run; int8 + zstd keeps the baseline's
     # artifact name (int8_zstd) that the log tests read. tests/test_model_stack.py runs the default export.
-    VOCAB_SIZE="1024", WARMDOWN_FRAC="0", LOOP_START="1", LOOP_END="1", NUM_LOOPS="1", ENABLE_LOOPING_AT="0.5",
+    VOCAB_SIZE="1024", WARMDOWN_FRAC="0.5", LOOP_START="1", LOOP_END="1", NUM_LOOPS="1", ENABLE_LOOPING_AT="0.5",
     PARALLEL_RESIDUAL_START="1", QUANT_BITS="8", GPTQ_CALIB_BATCHES="0", COMPRESSOR="zstd",
 )
 

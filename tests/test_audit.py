@@ -35,7 +35,7 @@ def evaluate(tokens, cache=None, ttt_epochs=1):
     setup = make_setup(audit_model(), tokens, 32, 8)
     setup.min_count = 1
     cache = NgramTables(1024, (1,) + ORDERS) if cache is None else cache
-    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0)
+    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0, gate_steps=4, gate_lr=0.05)
     return tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(tokens), 96), cache, ttt, tg.LegalityAudit(AUDITED, 0))
 
 
@@ -62,8 +62,8 @@ def test_gold_dependent_expert_mask_fails(tokens, monkeypatch):
 def test_probability_inflated_by_9e_5_fails(tokens, monkeypatch):
     honest = tg.mix
 
-    def inflated(setup, cache, h, neural_lp, stream, positions, targets=None):
-        lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets)
+    def inflated(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
+        lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
         if everywhere or targets is None:
             lp = torch.log(lp.double().exp() + 9e-5).float()
         return lp, weights
@@ -91,9 +91,9 @@ def test_non_causal_attention_fails(tokens, monkeypatch):
 def test_cache_extended_before_scoring_stops_the_run(tokens, monkeypatch):
     honest = tg.score_span
 
-    def extend_first(setup, first, end, cache=None, audit=None, record=None):
+    def extend_first(setup, first, end, cache=None, *rest):
         cache.extend(setup.tokens[cache.num_tokens:end])
-        return honest(setup, first, end, cache, audit, record)
+        return honest(setup, first, end, cache, *rest)
 
     monkeypatch.setattr(tg, "score_span", extend_first)
     with pytest.raises(RuntimeError, match="causality violated.*cache"):
@@ -120,15 +120,29 @@ def test_cache_one_token_ahead_stops_the_run(tokens):
 def test_ttt_on_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
     honest = tg.score_span
 
-    def train_first(setup, first, end, cache=None, audit=None, record=None):
+    def train_first(setup, first, end, cache=None, *rest):
         params = list(setup.model.parameters())
         # the evaluation scores under inference_mode; this bug trains right there
         with torch.inference_mode(False), torch.enable_grad():
             for p in params:
                 p.grad = torch.zeros_like(p)
             tg.ttt_on_chunk(setup, torch.optim.SGD(params, lr=0.05), params, first, end, 1, 0.05, 0.0)
-        return honest(setup, first, end, cache, audit, record)
+        return honest(setup, first, end, cache, *rest)
 
     monkeypatch.setattr(tg, "score_span", train_first)
     with pytest.raises(RuntimeError, match="causality violated.*TTT"):
         evaluate(tokens)
+
+
+def test_gate_learning_from_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
+    honest = tg.score_span
+
+    def learn_first(setup, first, end, cache=None, audit=None, record=None, online_gate=None):
+        # score the chunk once unrecorded, learn from it, then score it for real with the gate that has seen it
+        honest(setup, first, end, cache, None, None, online_gate)
+        online_gate.learn(setup.model.gate_logits, setup.model.neural_floor)
+        return honest(setup, first, end, cache, audit, record, online_gate)
+
+    monkeypatch.setattr(tg, "score_span", learn_first)
+    with pytest.raises(RuntimeError, match="causality violated.*the gate"):
+        evaluate(tokens, ttt_epochs=0)

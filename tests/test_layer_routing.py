@@ -18,7 +18,7 @@ SEQ_LEN = 48
 
 
 def tiny_model(seed=0, num_layers=4):
-    """A randomly initialized GPT from train_gpt.build_model with small settings; the zero-initialized output
+    """A randomly initialized train_gpt.GPT with small settings; the zero-initialized output
     projections get random weights so that every block changes its input and attention matters."""
     args = tg.Hyperparameters()
     # The default stack at a tiny shape: partial RoPE within the 8-dim heads, XSA, parallel residuals; no depth
@@ -28,7 +28,7 @@ def tiny_model(seed=0, num_layers=4):
                             skip_gates=False).items():
         setattr(args, name, value)
     torch.manual_seed(seed)
-    model = tg.build_model(args, torch.device("cpu")).eval()
+    model = tg.GPT(args).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attn.proj.weight.normal_(std=0.1)

@@ -35,16 +35,17 @@ def mixer_model(seed=0):
     return model
 
 
-def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=1, cache_orders=TABLE_ORDERS):
+def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=1, cache_orders=TABLE_ORDERS,
+             gate_steps=0):
     model = mixer_model()
     model.load_state_dict(state)
     setup = make_setup(model, tokens, seq_len, stride)
     setup.min_count = min_count
     cache = NgramTables(1024, cache_orders) if cache_orders else None
     record = tg.TargetRecord(len(tokens) - 1, 1 + len(ORDERS), tokens.device)
-    result = tg.eval_ngram_ttt(setup, bounds, cache, tg.TTTConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0),
-                               record=record)
-    result.record = record
+    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0, gate_steps=gate_steps, gate_lr=0.05)
+    result = tg.eval_ngram_ttt(setup, bounds, cache, ttt, record=record)
+    result.record, result.model = record, model
     return result
 
 
@@ -52,15 +53,32 @@ def test_eval_is_causal_with_cache_and_ttt(sample_val_tokens):
     tokens = sample_val_tokens[:641].clone()
     state = mixer_model().state_dict()
     bounds = tg.chunk_bounds(len(tokens), 64)
-    base = run_eval(tokens, state, bounds, ttt_epochs=1).record.nll
-    assert not torch.equal(base, run_eval(tokens, state, bounds, ttt_epochs=0).record.nll)  # TTT acts
+    base = run_eval(tokens, state, bounds, ttt_epochs=1, gate_steps=4).record.nll
+    assert not torch.equal(base, run_eval(tokens, state, bounds, ttt_epochs=0, gate_steps=4).record.nll)  # TTT acts
+    assert not torch.equal(base, run_eval(tokens, state, bounds, ttt_epochs=1).record.nll)  # the gate learns
     for t, k in ((200, 1), (200, 45), (300, 200), (639, 1)):
         changed = tokens.clone()
         changed[t + k] = (changed[t + k] + 17) % 1024
-        nll = run_eval(changed, state, bounds, ttt_epochs=1).record.nll
+        nll = run_eval(changed, state, bounds, ttt_epochs=1, gate_steps=4).record.nll
         # Targets 1..t sit at [0, t): none of them may move; the changed target itself must.
         assert torch.equal(nll[:t], base[:t]), f"position <= {t} changed when token {t + k} changed"
         assert nll[t + k - 1] != base[t + k - 1]
+
+
+def test_online_gate_scores_a_chunk_first_then_learns_only_the_gate(sample_val_tokens):
+    tokens = sample_val_tokens[:641].clone()
+    state = mixer_model().state_dict()
+    bounds = tg.chunk_bounds(len(tokens), 128)
+    fixed, online = (run_eval(tokens, state, bounds, ttt_epochs=0, gate_steps=steps) for steps in (0, 8))
+    first = bounds[1] - 1  # the first chunk's targets: scored before the gate has learned anything
+    assert torch.equal(online.record.nll[:first], fixed.record.nll[:first])
+    assert not torch.equal(online.record.nll[first:], fixed.record.nll[first:])
+    # the neural part is untouched (TTT off): only gate.* and gate_features.* moved
+    assert torch.equal(online.record.neural_nll, fixed.record.neural_nll)
+    moved = {name for name, p in online.model.state_dict().items() if not torch.equal(p, state[name])}
+    assert moved == {"gate.weight", "gate.bias", "gate_features.weight"}
+    # learning from the scored chunks lowers the loss of the later ones (deterministic: seeded model, fixed text)
+    assert online.val_loss < fixed.val_loss
 
 
 def reference_cache_scores(model, tokens, seq_len, min_count, discount):

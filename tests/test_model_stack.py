@@ -12,18 +12,19 @@ import zstandard
 
 import train_gpt as tg
 from devkit import read_env_file
-from conftest import REPO_ROOT, SAMPLE_DATA_DIR, SAMPLE_TRAIN_SHARD, TINY_ENV, run_trainer
+from conftest import REPO_ROOT, SAMPLE_DATA_DIR, SAMPLE_TRAIN_SHARD, TINY_ENV, model_args, run_trainer
 
 
 def stack_model(seed=0, vocab_size=1024, **overrides):
     """A small model with every switch of the stack on: 4 blocks, blocks 1-2 looped twice more."""
     torch.manual_seed(seed)
-    kwargs = dict(vocab_size=vocab_size, num_layers=4, model_dim=128, num_heads=2, num_kv_heads=1, mlp_mult=4,
-                  rope_base=10000.0, logit_softcap=30.0, qk_gain_init=5.25, tied_embed_init_std=0.05,
-                  negative_slope=0.5, rope_dims=16, ln_scale=True, skip_gates=True, parallel_residual_start=2,
-                  xsa_last_n=4, num_loops=2, loop_start=1, loop_end=2)
-    kwargs.update(overrides)
-    model = tg.GPT(**kwargs)
+    settings = dict(vocab_size=vocab_size, num_layers=4, model_dim=128, num_heads=2, num_kv_heads=1, mlp_mult=4,
+                    rope_base=10000.0, logit_softcap=30.0, qk_gain_init=5.25, tied_embed_init_std=0.05,
+                    mlp_negative_slope=0.5, rope_dims=16, ln_scale=True, skip_gates=True, parallel_residual_start=2,
+                    xsa_last_n=4, num_loops=2, loop_start=1, loop_end=2, smear_gate_enabled=True,
+                    sparse_attn_gate_enabled=True, gate_window=12, ngram=False)
+    settings.update(overrides)
+    model = tg.GPT(model_args(**settings), bos_id=1)
     with torch.no_grad():
         # Zero-initialized projections would hide most of the properties below.
         for p in model.parameters():
@@ -101,6 +102,43 @@ def test_leaky_relu_square_and_ln_scale():
     assert torch.allclose(mlp(x), expected, atol=1e-5)
 
 
+def test_smear_gate_adds_the_gated_previous_token_except_at_bos():
+    smear = tg.SmearGate(window=4)
+    x, ids = torch.randn(2, 6, 8), torch.tensor([[5, 7, 1, 9, 1, 3], [1, 2, 3, 4, 5, 6]])
+    bos = torch.tensor(1)
+    assert torch.equal(smear(x, ids, bos), x)  # lambda = 0 at init: the model without it
+    with torch.no_grad():
+        smear.weight.normal_()
+        smear.scale.fill_(0.7)
+    y = smear(x, ids, bos)
+    assert torch.equal(y[:, 0], x[:, 0])
+    for b in range(2):
+        for t in range(1, 6):
+            gate = 0.0 if ids[b, t] == 1 else 0.7 * torch.sigmoid(x[b, t, :4] @ smear.weight)
+            assert torch.allclose(y[b, t], x[b, t] + gate * x[b, t - 1], atol=1e-6), (b, t)
+    # Only the previous token: changing token t + 2 and later leaves positions <= t + 1 alone.
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(2, 2, 8)
+    assert torch.equal(smear(x2, ids, bos)[:, :4], y[:, :4])
+
+
+def test_sparse_attn_gate_scales_each_heads_output():
+    model = stack_model(num_layers=1, num_loops=0, loop_end=-1, xsa_last_n=0)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 16, 128)
+    with torch.no_grad():
+        attn.proj.weight.copy_(torch.eye(128))  # the output is the heads' outputs side by side
+        gate_weight = attn.head_gate.clone()
+        attn.head_gate.zero_()
+        ungated = attn(x)  # 2 sigmoid(0) = 1: zero init is the identity
+        attn.head_gate.copy_(gate_weight)
+        gated = attn(x)
+    head_scale = 2 * torch.sigmoid(x[..., :12] @ gate_weight.T)  # [B, T, H]
+    expected = (ungated.view(2, 16, 2, 64) * head_scale[..., None]).view(2, 16, 128)
+    assert torch.allclose(gated, expected, atol=1e-5)
+    assert not torch.allclose(gated, ungated)
+
+
 # ----- optimizer, schedule, EMA -----
 
 def test_polar_express_and_newton_schulz_orthogonalize():
@@ -122,7 +160,8 @@ def test_muon_row_normalization_and_weight_decay():
 
 def test_warmdown_fraction_follows_the_run_progress():
     args = tg.Hyperparameters()
-    args.iterations, args.max_wallclock_seconds, args.warmdown_frac, args.warmdown_iters = 1000, 0, 0.72, 0
+    args.iterations, args.max_wallclock_seconds, args.warmdown_frac = 1000, 0, 0.72
+    args.min_lr = 0.0
     assert tg.lr_scale(args, 280, 0.0) == 1.0
     assert tg.lr_scale(args, 640, 0.0) == pytest.approx(0.5)
     assert tg.lr_scale(args, 1000, 0.0) == 0.0
@@ -130,6 +169,13 @@ def test_warmdown_fraction_follows_the_run_progress():
     args.max_wallclock_seconds = 100.0
     assert tg.lr_scale(args, 10, 64_000.0) == pytest.approx(0.5)
     assert tg.training_progress(args, 10, 35_000.0) == pytest.approx(0.35)
+    # MIN_LR (PR #1787): the same line, from 1 down to the floor instead of 0.
+    args.min_lr, args.max_wallclock_seconds = 0.1, 0
+    assert tg.lr_scale(args, 280, 0.0) == 1.0
+    assert tg.lr_scale(args, 640, 0.0) == pytest.approx(0.55)
+    assert tg.lr_scale(args, 1000, 0.0) == pytest.approx(0.1)
+    args.warmdown_frac = 0.0
+    assert tg.lr_scale(args, 999, 0.0) == 1.0  # no warmdown
 
 
 def test_ema_weights_are_the_ones_exported(tmp_path):
@@ -144,12 +190,15 @@ def test_ema_weights_are_the_ones_exported(tmp_path):
         for p in model.parameters():
             p.add_(1.0)
     ema.update(model)
-    for name, t in ema.state_dict(model).items():
-        assert torch.allclose(t, start[name] + 0.5)
+    params = dict(model.named_parameters())
+    averaged = ema.state_dict(model)
+    assert torch.equal(averaged["bos_id"], start["bos_id"])  # a buffer: not trained, so its average is itself
+    for name in params:
+        assert torch.allclose(averaged[name], start[name] + 0.5)
     (tmp_path / "ema.ptz").write_bytes(tg.export_artifact(args, model, ema, []))
     blob = tg.dequantize_state_dict(tg.load_artifact(tmp_path / "ema.ptz"))
-    for name, t in blob.items():
-        assert torch.allclose(t, start[name] + 0.5, atol=0.02), name
+    for name in params:
+        assert torch.allclose(blob[name], start[name] + 0.5, atol=0.02), name
 
 
 # ----- quantization + compression -----
@@ -179,11 +228,31 @@ def test_gptq_reconstruction_error_is_below_round_to_nearest():
         assert err(gptq[name]) < err(rtn[name]), name
 
 
+def test_lqer_corrects_the_matrices_where_it_removes_most_error():
+    torch.manual_seed(0)
+    # "rough" has 3x the scale of "plain", so 9x the squared rounding error for a correction to remove.
+    state = {"plain": torch.randn(256, 512), "rough": 3 * torch.randn(256, 512)}
+    base = tg.quantize_state_dict(state, 4)
+    corrected = tg.quantize_state_dict(state, 4, lqer_rank=4, lqer_top_k=1)
+    assert list(corrected["lqer"]) == ["rough"]  # the larger removable error
+    a, b = corrected["lqer"]["rough"]
+    assert a.shape == (256, 4) and b.shape == (4, 512) and a.dtype == b.dtype == torch.float16
+    before, after = tg.dequantize_state_dict(base), tg.dequantize_state_dict(corrected)
+    assert torch.equal(after["plain"], before["plain"])
+    error = state["rough"] - before["rough"]
+    top = float(torch.linalg.svdvals(error)[:4].square().sum())
+    # The correction is the error's best rank-4 approximation (up to its fp16 factors).
+    left = float((state["rough"] - after["rough"]).square().sum())
+    assert left == pytest.approx(float(error.square().sum()) - top, rel=1e-3)
+
+
 def test_artifact_reloads_bit_exactly_with_every_compressor(tmp_path):
     model = stack_model(num_layers=1, num_loops=0, loop_end=-1, xsa_last_n=1)
     hessians = tg.collect_hessians(model, [sample_batch(rows=2, seq_len=64)])
-    blob = tg.quantize_state_dict(model.state_dict(), 6, hessians, 12.85, 8, 20.0)
+    blob = tg.quantize_state_dict(model.state_dict(), 6, hessians, 12.85, 8, 20.0, lqer_rank=4, lqer_top_k=2)
+    assert len(blob["lqer"]) == 2
     expected = tg.dequantize_state_dict(blob)
+    assert int(expected["bos_id"]) == 1  # SmearGate's BOS id travels in the artifact
     sizes = {}
     for compressor in tg.COMPRESSORS + ("best",):
         data = tg.compress_artifact(blob, compressor)
@@ -244,17 +313,18 @@ def test_sp8192_sample_trains_and_scores(tmp_path):
 
 
 @pytest.mark.parametrize("config, world_size, params", [
-    ("competition_8xh100.env", 8, 35_944_536), ("baseline_2024.env", 8, 17_059_912), ("sample_cpu.env", 1, None)])
+    ("competition_8xh100.env", 8, 35_945_605), ("baseline_2024.env", 8, 17_059_912), ("sample_cpu.env", 1, None)])
 def test_presets_name_real_knobs_and_valid_settings(config, world_size, params):
     """Every preset knob exists and validates; the baseline preset has the challenge baseline's 17.06M parameters
-    (DESIGN.md section 5; counted without the n-gram gate), the default stack 35.9M."""
+    (DESIGN.md section 5; counted without the n-gram gate), the default stack 35.9M (of which SmearGate 13 and
+    SparseAttnGate 11 x 8 x 12)."""
     import subprocess
     import sys
     env = read_env_file(REPO_ROOT / "configs" / config)
     assert {name.lower() for name in env} <= set(vars(tg.Hyperparameters()))
     # A fresh process, as a run would start with this preset.
     code = ("import torch, train_gpt as tg; a = tg.Hyperparameters(); tg.validate_hyperparameters(a, "
-            f"{world_size}); a.ngram = False; print(sum(p.numel() for p in tg.build_model(a, 'meta').parameters()))")
+            f"{world_size}); a.ngram = False; print(sum(p.numel() for p in tg.GPT(a).to('meta').parameters()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=dict(os.environ, **env), check=True,
                          capture_output=True, text=True, timeout=120).stdout
     if params is not None:

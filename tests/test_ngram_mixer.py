@@ -106,6 +106,9 @@ def test_chunked_extends_give_identical_arrays(sample_val_tokens, vocab_size):
     for name in ("keys", "cum", "key_offsets", "tail"):
         assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
     assert chunked.num_tokens == tokens.numel()
+    pieces = NgramTables(vocab_size, ORDERS)
+    pieces.extend(tokens, piece_tokens=4096)  # one call, cut into pieces inside (the trainer's prefill)
+    assert all(torch.equal(getattr(whole, name), getattr(pieces, name)) for name in ("keys", "cum", "tail"))
     for n in ORDERS:
         keys, cum = whole.pair_keys[n], whole.cum_counts[n]
         assert keys.numel() > 0 and (keys[1:] > keys[:-1]).all() and cum[0] == 0 and (cum.diff() > 0).all()

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import (REPO_ROOT, log_fields, SAMPLE_TOKENIZER, SAMPLE_TRAIN_SHARD, SAMPLE_VAL_SHARD, TINY_ENV,
-                      log_value, run_trainer)
+from conftest import (BASELINE_MODEL, REPO_ROOT, log_fields, SAMPLE_TOKENIZER, SAMPLE_TRAIN_SHARD, SAMPLE_VAL_SHARD,
+                      TINY_ENV, log_value, model_args, run_trainer)
 
 
 def tiny_model(num_experts=0, seed=0):
     torch.manual_seed(seed)
-    return tg.GPT(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                  rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5, tied_embed_init_std=0.05,
-                  num_experts=num_experts, num_expert_features=tg.expert_feature_count(num_experts))
+    args = model_args(**BASELINE_MODEL, vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
+                      mlp_mult=2, qk_gain_init=1.5, tied_embed_init_std=0.05)
+    args.ngram, args.ngram_max_order = num_experts > 0, 1 + max(num_experts, 1)  # orders 2 .. 1 + num_experts
+    return tg.GPT(args)
 
 
 def make_setup(model, tokens, seq_len, stride, windows_per_batch=3, rank=0, world_size=1):
