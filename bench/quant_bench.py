@@ -151,7 +151,7 @@ def main():
             m = tg.model_from_artifact(args, path, device) if path else model
             setup = tg.EvalSetup(m, m.hidden, tokens, luts, args.train_seq_len, args.eval_stride,
                                  max(1, args.val_batch_size // args.train_seq_len), 0, 1)
-            return tg.eval_val(setup)[1]
+            return tg.eval_val(setup).val_bpb
 
         print(f"float checkpoint val_bpb {score(None):.4f} on the first {len(tokens):,} sample val tokens "
               f"(stride {args.eval_stride}, seq {args.train_seq_len})", flush=True)

@@ -52,7 +52,7 @@ def main():
     bounds = tg.chunk_bounds(len(run.val_tokens), args.eval_chunk_tokens)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def rescore(name, cache, ttt_epochs):
+    def rescore(name, cache, ttt_epochs, gate_steps=args.ngram_gate_eval_steps):
         print(f"re-scoring: {name} ...", flush=True)
         model.load_state_dict(initial)
         setup.ttt_trained_until = 0
@@ -60,7 +60,8 @@ def main():
         if cache is not None:
             audit = tg.LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device)
         record = tg.TargetRecord(len(run.val_tokens) - 1, 1 + len(args.ngram_orders), run.device)
-        ttt = tg.TTTConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip)
+        ttt = tg.TTTConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip,
+                           gate_steps, args.ngram_gate_eval_lr)
         result = tg.eval_ngram_ttt(setup, bounds, cache, ttt, audit, record)
         tg.write_eval_dump(workdir / f"{name}.npz", record, result, run.val_tokens, run.luts, run.bos_id, name)
         return result
@@ -68,10 +69,11 @@ def main():
     def audit_text(stats):
         return f"{max(stats[1:]):.1e}" + (" (FAILS)" if tg.audit_fails(stats) else "")
 
-    cache_only = rescore("cache", NgramTables(args.vocab_size, args.ngram_orders), 0)
+    cache_only = rescore("cache", NgramTables(args.vocab_size, (1,) + args.ngram_orders), 0)
     ttt_only = rescore("ttt", None, args.ttt_epochs)
     # PR #834 used 1,048,576 buckets per order.
-    invalid = rescore("pr834_invalid", BucketedTables(args.vocab_size, args.ngram_orders, buckets=1 << 20), 0)
+    # (the gate as trained: learning from scores that are not probabilities would only add noise to the contrast)
+    invalid = rescore("pr834_invalid", BucketedTables(args.vocab_size, args.ngram_orders, buckets=1 << 20), 0, 0)
     full_audit = (audit["positions"], audit["max_abs_sum_err"], audit["max_gold_logp_err"],
                   audit["max_future_logp_delta"])
     rows = [(f"neural only (round-tripped {quant} artifact, sliding windows)", neural["val_loss"],
