@@ -699,7 +699,7 @@ class GPT(nn.Module):
 # ----------------------------- EVALUATION -----------------------------
 # Every target t in [1, N) of the val stream is scored exactly once, from a distribution over the whole vocabulary
 # that depends only on tokens < t: the model reads a causal window, the n-gram cache holds only tokens of earlier
-# chunks, and test-time training (TTT) learns from a chunk only after all its targets are scored. The legality
+# chunks, and TTT and the online gate learn from a chunk only after all its targets are scored. The legality
 # audit checks this at random targets and the run exits 4 when it fails (see score_span and LegalityAudit).
 
 
