@@ -743,12 +743,14 @@ class OnlineGate:
         self.params, self.steps, self.kept, self.learned_until = list(params), steps, [], 0
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
 
-    def remember(self, positions: torch.Tensor, *inputs: torch.Tensor) -> None:
-        self.kept.append((positions, *inputs))
+    def remember(self, positions: torch.Tensor, h: torch.Tensor, neural_logprob: torch.Tensor,
+                 expert_probs: torch.Tensor, expert_valid: torch.Tensor, features: torch.Tensor) -> None:
+        # targets first in every tensor (the experts' are [K, P]), so learn() joins all batches along dim 0
+        self.kept.append((positions, h, neural_logprob, expert_probs.T, expert_valid.T, features))
 
     def learn(self, gate_logits, neural_floor: float, autocast=contextlib.nullcontext) -> None:
         # torch.cat outside inference mode turns inference tensors into ones autograd may save
-        columns = [torch.cat(part, dim=1 if i in (3, 4) else 0) for i, part in enumerate(zip(*self.kept))]
+        columns = [torch.cat(part) for part in zip(*self.kept)]
         self.kept = []
         device, distributed = self.params[0].device, dist.is_available() and dist.is_initialized()
         until = torch.tensor(int(columns[0].max()) + 1 if columns else 0, device=device)
@@ -763,8 +765,8 @@ class OnlineGate:
             if columns:
                 _, h, neural_logprob, expert_probs, expert_valid, features = columns
                 with autocast():
-                    weights = mixture_weights(gate_logits(h, features), expert_valid, neural_floor)
-                nll = -mixture_logprob(neural_logprob, expert_probs, expert_valid, weights)
+                    weights = mixture_weights(gate_logits(h, features), expert_valid.T, neural_floor)
+                nll = -mixture_logprob(neural_logprob, expert_probs.T, expert_valid.T, weights)
                 (nll.sum() / count).backward()
             for p in self.params if distributed else ():
                 dist.all_reduce(p.grad)
