@@ -598,6 +598,97 @@ def _lookup_triton(keys, cum, offsets, base, tokens, vocab_size):
     return ctx, pair, distinct
 
 
+# -----------------------------
+# DOCUMENT CACHE
+# -----------------------------
+# How far back the document cache looks at most: it bounds each lookup's work (the events between the earliest
+# window start and the last target are sorted once per call). 6% of the sample val's tokens lie more than 8192
+# tokens into their document.
+DOCUMENT_HORIZON = 8192
+
+
+def window_counts(stream: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor,
+                  vocab_size: int, orders) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts inside each position's own history window, exact and batched: (context, pair) int64 [K, P].
+
+    For t = positions[p], lo = starts[p] <= t and order n (row k): the n-grams that lie wholly inside
+    stream[lo:t], i.e. end at q with lo + n - 1 <= q < t, whose first n-1 ids equal stream[t-n+1:t]
+    (context), and of those, whose last id is targets[p] (pair). Both are 0 where the context does not fit in
+    the window (t - n + 1 < lo). context = sum over tokens of pair, because both count the same n-grams.
+    stream: [L] int64; positions: [P] int64 in [1, L] (L: the stream may end right before t, as in the audit);
+    starts: [P] int64; targets: [P] int64 token ids. Reads stream[lo:t] and nothing at or after t.
+    """
+    orders = tuple(orders)
+    first, end = int(starts.min()), int(positions.max())
+    order_col = torch.tensor(orders, device=stream.device)[:, None]
+
+    def bases(at):
+        return torch.stack(list(_context_keys(_columns(stream, at, orders[-1]), vocab_size, orders))) * vocab_size
+
+    query_base = bases(positions)
+    event_pos = torch.arange(first, end, device=stream.device)
+    event_base, event_tokens = bases(event_pos), stream[event_pos]
+    fits = positions - order_col + 1 >= starts  # [K, P]: the context lies inside the window
+    lo = torch.where(fits, starts + order_col - 1, 0).clamp(min=first, max=end)
+    hi = torch.where(fits, positions, 0).clamp(min=first, max=end)
+    context, pair = torch.zeros_like(query_base), torch.zeros_like(query_base)
+    for k, n in enumerate(orders):
+        # events whose n-gram starts before the earliest window are never inside any window
+        live = event_pos >= first + n - 1
+        pos, ctx_keys = event_pos[live], event_base[k][live]
+        contexts = _EarlierEqual(ctx_keys, pos, end)
+        pairs = _EarlierEqual(ctx_keys + event_tokens[live], pos, end)
+        context[k] = contexts.count_between(query_base[k], lo[k], hi[k])
+        pair[k] = pairs.count_between(query_base[k] + targets, lo[k], hi[k])
+    return context, pair
+
+
+class DocumentCache:
+    """One more expert: the n-gram statistics of the current document alone, as a classical cache LM keeps them.
+
+    The global cache counts every earlier token of the val stream, so a document's own repeats (its names, its
+    topic words) weigh little against a million other tokens; counted within the document they are sharp
+    (README, "The document cache"). At target t the window is stream[lo:t], lo = the last `bos_id` at or before
+    t - 1 (the document that the prefix ends in), or t - horizon if that is further back. It depends on the
+    prefix only, so it is the same at training (inside one segment) and at evaluation (the val stream).
+
+    The expert is a Dirichlet-smoothed (prior `prior`) chain over the document's orders 1..max_order on top of a
+    base distribution (the global cache's highest-order expert):
+        p_n(v) = (c_n(ctx, v) + prior * p_{n-1}(v)) / (c_n(ctx) + prior),  p_0 = base, p_n = p_{n-1} where
+    c_n(ctx) = 0. Since sum_v c_n(ctx, v) = c_n(ctx) exactly (window_counts), each step keeps a full
+    distribution summing to 1, and every token keeps p > 0 where the base is > 0.
+    """
+
+    def __init__(self, vocab_size: int, bos_id: int, max_order: int = 4, prior: float = 0.5,
+                 horizon: int = DOCUMENT_HORIZON):
+        if max_order < 1 or prior <= 0 or horizon < 1:
+            raise ValueError(f"DocumentCache needs max_order >= 1, prior > 0, horizon >= 1; got {max_order}, "
+                             f"{prior}, {horizon}")
+        self.vocab_size, self.bos_id, self.prior, self.horizon = vocab_size, bos_id, prior, horizon
+        self.orders = tuple(range(1, max_order + 1))
+
+    def window_starts(self, stream: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """lo [P] int64: where each target's window starts (the last bos_id in stream[t-horizon:t], else
+        t - horizon, clamped at 0). Reads only stream[t-horizon:t]."""
+        first = max(0, int(positions.min()) - self.horizon)
+        index = torch.arange(first, int(positions.max()), device=stream.device)
+        last_bos = torch.cummax(torch.where(stream[index] == self.bos_id, index, -1), 0).values
+        before = (positions - 1 - first).clamp(min=0)
+        return torch.maximum(last_bos[before], positions - self.horizon).clamp(min=0)
+
+    def counts(self, stream: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
+        """(context, pair) int64 [M, P] of the document window before each target (window_counts)."""
+        return window_counts(stream, positions, self.window_starts(stream, positions), targets, self.vocab_size,
+                             self.orders)
+
+    def probs(self, context: torch.Tensor, pair: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """p(target) float64 [P] of the smoothed chain above `base` ([P], the base distribution's p(target))."""
+        p = base.double()
+        for c, a in zip(context.double(), pair.double()):
+            p = torch.where(c > 0, (a + self.prior * p) / (c + self.prior), p)
+        return p
+
+
 def smoothed_probs(counts: ExpertCounts, vocab_size: int, discounts=0.75, method: str = "absolute") -> torch.Tensor:
     """Each order's interpolated distribution at the target, float64 [K, P], every row a full distribution > 0.
 
@@ -649,14 +740,16 @@ def expert_features(counts: ExpertCounts, orders) -> torch.Tensor:
                       longest[:, None]], dim=1)
 
 
-def expert_feature_count(num_experts: int) -> int:
-    # log context count and log distinct continuations per expert, and the longest order seen
-    return 2 * num_experts + 1
+def expert_feature_count(num_experts: int, document_orders: int = 0) -> int:
+    # log context count and log distinct continuations per table expert, the longest order seen, and the
+    # document cache's log context count per order
+    return 2 * num_experts + 1 + document_orders
 
 
 def expert_inputs(tables: NgramTables, stream: torch.Tensor, positions: torch.Tensor, min_count: int,
                   targets: torch.Tensor | None = None, in_table: torch.Tensor | None = None, *,
-                  discount: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  discount: float, document: DocumentCache | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The experts' inputs at each position: (p_k(target) [K, P] float32, valid [K, P] bool, features [P, F]
     float32), the one place where n-gram counts become what the gate mixes (training, evaluation and the
     legality audit all call it). Experts are the tables' orders >= 2.
@@ -669,13 +762,22 @@ def expert_inputs(tables: NgramTables, stream: torch.Tensor, positions: torch.Te
     Expert k is the order-n interpolated absolute-discounting distribution backing off through the lower orders
     to the uniform (ngram_mixer.smoothed_probs), a full distribution > 0 summing to 1. It is valid where its
     context was seen at least `min_count` times; the gate ignores the others. Features depend on the context
-    only (never on the target), so they are the same for every candidate token."""
+    only (never on the target), so they are the same for every candidate token.
+    document: the document cache joins as the last expert, smoothed on top of the highest table order; it counts
+    the same stream (in training: the segment, so a document that began before it is seen from its start)."""
     counts = tables.counts(stream, positions, targets, in_table=in_table)
     experts = [k for k, n in enumerate(tables.orders) if n >= 2]
     expert_counts = ExpertCounts(counts.context[experts], counts.pair[experts], counts.distinct[experts])
-    probs = smoothed_probs(counts, tables.vocab_size, discount)[experts].float()
+    smoothed = smoothed_probs(counts, tables.vocab_size, discount)
+    probs = smoothed[experts].float()
     valid = expert_counts.context >= max(min_count, 1)
     features = expert_features(expert_counts, tuple(tables.orders[k] for k in experts))
+    if document is not None:
+        stream, positions = stream.long(), positions.long()
+        doc_context, doc_pair = document.counts(stream, positions, stream[positions] if targets is None else targets)
+        probs = torch.cat([probs, document.probs(doc_context, doc_pair, smoothed[-1]).float()[None]])
+        valid = torch.cat([valid, doc_context[:1] > 0])
+        features = torch.cat([features, torch.log1p(doc_context.float()).T], dim=1)
     return probs, valid, features
 
 

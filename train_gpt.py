@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import (LegalityAudit, NgramTables, OnlineGate, audit_fails, audit_line, expert_feature_count,
-                         expert_inputs, mixture_logprob, mixture_weights, table_mask)
+from ngram_mixer import (DocumentCache, LegalityAudit, NgramTables, OnlineGate, audit_fails, audit_line,
+                         expert_feature_count, expert_inputs, mixture_logprob, mixture_weights, table_mask)
 
 # ----------------------------- HYPERPARAMETERS -----------------------------
 # Defaults are the SP8192 record stack (PR #1493: 11 layers x 512, MLP 4x LeakyReLU(0.5)^2, partial RoPE, depth
@@ -89,12 +89,10 @@ class Hyperparameters:
         self.rope_dims = int(os.environ.get("ROPE_DIMS", 16))  # rotate only the first ROPE_DIMS of each head; 0 = all
         self.ln_scale = bool(int(os.environ.get("LN_SCALE", 1)))  # block inputs scaled by 1/sqrt(layer + 1)
         self.skip_gates = bool(int(os.environ.get("SKIP_GATES", 1)))  # sigmoid-gated U-net skips instead of additive
-        # first parallel block; -1 = none
-        self.parallel_residual_start = int(os.environ.get("PARALLEL_RESIDUAL_START", 7))
+        self.parallel_residual_start = int(os.environ.get("PARALLEL_RESIDUAL_START", 7))  # first parallel; -1 none
         self.xsa_last_n = int(os.environ.get("XSA_LAST_N", 11))  # exclusive self-attention in the last N blocks
         self.num_loops = int(os.environ.get("NUM_LOOPS", 2))  # extra passes over blocks LOOP_START..LOOP_END
-        self.loop_start = int(os.environ.get("LOOP_START", 3))
-        self.loop_end = int(os.environ.get("LOOP_END", 5))
+        self.loop_start, self.loop_end = int(os.environ.get("LOOP_START", 3)), int(os.environ.get("LOOP_END", 5))
         self.enable_looping_at = float(os.environ.get("ENABLE_LOOPING_AT", 0.35))  # fraction of the run before looping
         # The 1.0611 record's SmearGate and SparseAttnGate, each reading the first GATE_WINDOW dims of its input.
         self.gate_window = int(os.environ.get("GATE_WINDOW", 12))
@@ -110,11 +108,9 @@ class Hyperparameters:
         self.muon_backend_steps = int(os.environ.get("MUON_BACKEND_STEPS", 5))
         self.muon_row_normalize = bool(int(os.environ.get("MUON_ROW_NORMALIZE", 1)))  # MuonEq-R
         self.muon_polar_express = bool(int(os.environ.get("MUON_POLAR_EXPRESS", 0)))
-        self.muon_wd = float(os.environ.get("MUON_WD", 0.095))
-        self.embed_wd = float(os.environ.get("EMBED_WD", 0.095))
+        self.muon_wd, self.embed_wd = float(os.environ.get("MUON_WD", 0.095)), float(os.environ.get("EMBED_WD", 0.095))
         self.ema_decay = float(os.environ.get("EMA_DECAY", 0.9965))  # exported weights; 0 = export the raw weights
-        self.beta1 = float(os.environ.get("BETA1", 0.9))
-        self.beta2 = float(os.environ.get("BETA2", 0.95))
+        self.beta1, self.beta2 = float(os.environ.get("BETA1", 0.9)), float(os.environ.get("BETA2", 0.95))
         self.adam_eps = float(os.environ.get("ADAM_EPS", 1e-8))
         self.min_lr = float(os.environ.get("MIN_LR", 0.1))  # the warmdown ends at this fraction of each LR (PR #1787)
         # N-gram mixer: frozen tables from training tokens during training, a score-then-update cache at eval.
@@ -127,6 +123,9 @@ class Hyperparameters:
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
         # Absolute discount of the smoothed experts (bench/experts_bench.py: fitted 0.871 on the sample's first 20%).
         self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
+        # The document cache expert: orders 1..NGRAM_DOC_ORDER of the current document, Dirichlet prior (README).
+        self.ngram_doc_order, self.ngram_doc_prior = (int(os.environ.get("NGRAM_DOC_ORDER", 4)) if self.ngram else 0,
+                                                      float(os.environ.get("NGRAM_DOC_PRIOR", 0.5)))
         # The gate keeps learning at evaluation, score first: Adam steps on each scored chunk (ngram_mixer.OnlineGate).
         self.ngram_gate_eval_steps = int(os.environ.get("NGRAM_GATE_EVAL_STEPS", 16))
         self.ngram_gate_eval_lr = float(os.environ.get("NGRAM_GATE_EVAL_LR", 0.01))
@@ -158,6 +157,14 @@ class Hyperparameters:
     def ngram_orders(self) -> tuple[int, ...]:
         """The one answer to "is the mixer on": its n-gram orders; empty = no tables, no cache, no gate."""
         return tuple(range(2, self.ngram_max_order + 1)) if self.ngram else ()
+
+    @property
+    def ngram_experts(self) -> int:  # the gate's expert slots: one per table order, and the document cache's
+        return len(self.ngram_orders) + (self.ngram_doc_order > 0)
+
+    def document_cache(self, bos_id: int) -> DocumentCache | None:
+        return DocumentCache(self.vocab_size, bos_id, self.ngram_doc_order, self.ngram_doc_prior) \
+            if self.ngram_doc_order else None
 
 
 # The micro-batches of one optimizer step, summed over all processes. Keeping this fixed makes the global batch,
@@ -204,6 +211,7 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
     need(args.ngram_max_order >= 2, f"NGRAM_MAX_ORDER={args.ngram_max_order} must be >= 2")
     need(0.0 <= args.ngram_neural_floor <= 1.0, f"NGRAM_NEURAL_FLOOR={args.ngram_neural_floor} must be in [0, 1]")
     need(0.0 < args.ngram_discount <= 1.0, f"NGRAM_DISCOUNT={args.ngram_discount} must be in (0, 1]")
+    need(args.ngram_doc_order >= 0 and args.ngram_doc_prior > 0, "NGRAM_DOC_ORDER >= 0 and NGRAM_DOC_PRIOR > 0")
     need(args.logit_softcap > 0, f"LOGIT_SOFTCAP={args.logit_softcap} must be positive")
     need(args.iterations >= 0 and args.warmup_steps >= 0, "ITERATIONS and WARMUP_STEPS must be >= 0")
 
@@ -251,8 +259,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
             params = group["params"]
             # The GPU's Newton-Schulz output is bf16 already: a bf16 buffer halves the all-reduce at no cost.
@@ -486,9 +493,8 @@ class Rotary(nn.Module):
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotates the first 2 * cos.size(-1) dims of each head; the rest pass through (partial RoPE, PR #1493)."""
-    rope_dims = 2 * cos.size(-1)
-    half = rope_dims // 2
-    x1, x2, rest = x[..., :half], x[..., half:rope_dims], x[..., rope_dims:]
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
@@ -499,8 +505,7 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, dim // num_heads, xsa
         kv_dim = num_kv_heads * self.head_dim
         self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k = nn.Linear(dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(dim, kv_dim, bias=False)
+        self.c_k, self.c_v = (nn.Linear(dim, kv_dim, bias=False) for _ in range(2))
         self.proj = nn.Linear(dim, dim, bias=False)
         self.proj.zero_init = True
         # A learned per-head temperature on the normalized queries (baseline's q_gain).
@@ -559,8 +564,7 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = (nn.RMSNorm(dim, elementwise_affine=False) for _ in range(2))
         self.attn = CausalSelfAttention(args, xsa=layer >= args.num_layers - args.xsa_last_n)
         self.mlp = MLP(dim, args.mlp_mult, args.mlp_negative_slope)
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.attn_scale, self.mlp_scale = (nn.Parameter(torch.ones(dim)) for _ in range(2))
         # Each block may mix the embedding x0 back into its input (baseline's resid_mix).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         # Parallel residual (GPT-J style, PR #1493 stack): attention and MLP both read the block's input.
@@ -603,7 +607,7 @@ class GPT(nn.Module):
 
     def __init__(self, args: Hyperparameters, bos_id: int = -1):
         super().__init__()
-        num_layers, model_dim, num_experts = args.num_layers, args.model_dim, len(args.ngram_orders)
+        num_layers, model_dim, num_experts = args.num_layers, args.model_dim, args.ngram_experts
         self.logit_softcap = args.logit_softcap
         self.neural_floor, self.mixture_loss_weight = args.ngram_neural_floor, args.ngram_loss_weight
         self.tok_emb = nn.Embedding(args.vocab_size, model_dim)
@@ -621,7 +625,8 @@ class GPT(nn.Module):
         self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)
         self.gate = nn.Linear(model_dim, 1 + num_experts) if num_experts else None
         # The experts' prefix-only count features (expert_inputs) shift the gate's logits.
-        self.gate_features = nn.Linear(expert_feature_count(num_experts), 1 + num_experts, bias=False) \
+        self.gate_features = nn.Linear(expert_feature_count(len(args.ngram_orders), args.ngram_doc_order),
+                                       1 + num_experts, bias=False) \
             if num_experts else None
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for module in self.modules():
@@ -674,10 +679,8 @@ class GPT(nn.Module):
 
     def gate_logits(self, h: Tensor, features: Tensor | None = None) -> Tensor:
         """[..., D] hidden states and [..., F] expert features (expert_inputs) -> [..., 1 + K] float32 logits."""
-        logits = self.gate(h).float()
-        if features is None:
-            return logits
-        return logits + self.gate_features(features.to(self.gate_features.weight.dtype)).float()
+        shift = 0.0 if features is None else self.gate_features(features.to(self.gate_features.weight.dtype)).float()
+        return self.gate(h).float() + shift
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, expert_probs: Tensor | None = None,
                 expert_valid: Tensor | None = None, expert_features: Tensor | None = None
@@ -732,6 +735,7 @@ class EvalSetup:
     min_count: int = 2
     autocast: object = nullcontext
     ngram_discount: float = 0.87
+    document: DocumentCache | None = None
     # Every target TTT has learned from is < this index; scoring a target at or above it would be a C3 breach.
     ttt_trained_until: int = 0
 
@@ -756,7 +760,7 @@ def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tenso
     if cache is None:
         return neural_lp, None
     probs, valid, features = expert_inputs(cache, stream, positions, setup.min_count, targets,
-                                           discount=setup.ngram_discount)
+                                           discount=setup.ngram_discount, document=setup.document)
     with setup.autocast():
         gate_logits = setup.model.gate_logits(h, features)
     weights = mixture_weights(gate_logits, valid, setup.model.neural_floor)
@@ -1192,11 +1196,9 @@ class Run:
                 print(msg, file=f)
 
     def log_peak_memory(self) -> None:
-        if self.device.type == "cuda":
-            self.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-        else:
-            self.log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+        self.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: "
+                 f"{torch.cuda.max_memory_reserved() // 2**20} MiB" if self.device.type == "cuda" else
+                 f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 
 def start_run(args: Hyperparameters) -> Run:
@@ -1255,7 +1257,7 @@ def build_eval_setup(run: Run, model: GPT, stride: int) -> EvalSetup:
     windows_per_batch = max(1, run.args.val_batch_size // (run.world_size * run.args.train_seq_len))
     return EvalSetup(model, hidden_fn, run.val_tokens, run.luts, run.args.train_seq_len, stride, windows_per_batch,
                      run.rank, run.world_size, run.args.ngram_min_count, run.autocast,
-                     ngram_discount=run.args.ngram_discount)
+                     ngram_discount=run.args.ngram_discount, document=run.args.document_cache(run.bos_id))
 
 
 @dataclass
@@ -1283,9 +1285,8 @@ def train_step(run: Run, trainer: Trainer) -> Tensor:
             loader.stream.total_tokens
         experts = expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
                                 in_table=table_mask(trainer.tables.orders, stream_positions, trainer.prefill_tokens),
-                                discount=args.ngram_discount)
-    local_tokens = loader.span - 1
-    n_micro = len(loader.span_starts)
+                                discount=args.ngram_discount, document=args.document_cache(run.bos_id))
+    local_tokens, n_micro = loader.span - 1, len(loader.span_starts)
     for micro_step, start in enumerate(loader.span_starts):
         local = segment[start:start + loader.span]
         x, y = local[:-1].reshape(-1, args.train_seq_len), local[1:].reshape(-1, args.train_seq_len)
@@ -1356,9 +1357,8 @@ def warm_up(run: Run, trainer: Trainer, train_files: list[Path]) -> None:
     trainer.base_model.load_state_dict(initial_model)
     for opt, state in zip(trainer.optimizers, initial_optimizers):
         opt.load_state_dict(state)
-    loader = trainer.loader
     trainer.loader = DistributedTokenLoader(train_files, run.rank, run.world_size, run.device, run.args.vocab_size,
-                                            loader.span - 1)
+                                            trainer.loader.span - 1)
 
 
 def train_model(run: Run) -> Trainer:
@@ -1451,7 +1451,7 @@ def evaluate_artifact(run: Run, path: Path) -> None:
     # A fresh model from the artifact's bytes alone: the score is that of what would be submitted.
     setup = build_eval_setup(run, model_from_artifact(args, path, run.device), args.eval_stride)
     final_pass = bool(args.ngram_orders or args.ttt)
-    n_weights = 1 + len(args.ngram_orders) if args.ngram_orders else 0
+    n_weights = 1 + args.ngram_experts if args.ngram_orders else 0
     record = TargetRecord(len(run.val_tokens) - 1, n_weights, run.device) if args.eval_dump else None
     run.sync()
     result = eval_val(setup, None if final_pass else record)

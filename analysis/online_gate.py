@@ -37,7 +37,8 @@ def replay(tg, args, artifact: Path) -> dict:
     luts = tg.build_byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size, device)
     setup = tg.EvalSetup(model, model.hidden, tokens, luts, args.train_seq_len, args.eval_stride,
                          max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
-                         ngram_discount=args.ngram_discount)
+                         ngram_discount=args.ngram_discount,
+                         document=args.document_cache(tg.load_tokenizer(args.tokenizer_path, args.vocab_size).bos_id()))
     cache = tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders)
     chunks = []
     bounds = tg.chunk_bounds(len(tokens), args.eval_chunk_tokens)
@@ -48,7 +49,7 @@ def replay(tg, args, artifact: Path) -> dict:
             positions, h, log_probs = tg.forward_windows(setup, tokens, *window)
             neural_lp = log_probs.gather(1, tokens[positions][:, None]).squeeze(1)
             probs, valid, features = tg.expert_inputs(cache, tokens, positions, setup.min_count,
-                                                      discount=setup.ngram_discount)
+                                                      discount=setup.ngram_discount, document=setup.document)
             parts.append((positions, h, neural_lp, probs, valid, features))
         chunks.append([torch.cat([p[i] for p in parts], dim=1 if i in (3, 4) else 0) for i in range(6)])
         cache.extend(tokens[cache.num_tokens:end])

@@ -254,7 +254,7 @@ def extract_features(model, tokens: Tensor, seq_len: int, stride: int, windows_p
 
 
 def causal_cache_experts(tokens: Tensor, vocab_size: int, orders, chunk_tokens: int, min_count: int,
-                         discount: float):
+                         discount: float, document=None):
     """The cache experts' ([K, N-1] probs, [K, N-1] valid, [N-1, F] count features) of every target 1..N-1, as
     train_gpt.eval_ngram_ttt sees them: the cache starts empty, each target also counts its chunk's earlier
     tokens, and the cache receives each chunk only after the chunk has been scored."""
@@ -265,7 +265,8 @@ def causal_cache_experts(tokens: Tensor, vocab_size: int, orders, chunk_tokens: 
     bounds = tg.chunk_bounds(len(tokens), chunk_tokens)
     probs, valid, features = [], [], []
     for first, end in zip(bounds[:-1], bounds[1:]):
-        p, v, f = tg.expert_inputs(cache, tokens, torch.arange(first, end), min_count, discount=discount)
+        p, v, f = tg.expert_inputs(cache, tokens, torch.arange(first, end), min_count, discount=discount,
+                                   document=document)
         probs.append(p)
         valid.append(v)
         features.append(f)
@@ -380,7 +381,8 @@ def gate_nll(gate: RoutedLinear, feats: Features, probs: Tensor, valid: Tensor, 
 
 
 def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_tokens: int, val: Features,
-                    val_tokens: Tensor, luts, seeds: int, top_m: int, epochs: int, lr: float, router_lr: float) -> dict:
+                    val_tokens: Tensor, luts, document, seeds: int, top_m: int, epochs: int, lr: float,
+                    router_lr: float) -> dict:
     """GATE_INPUT=last vs probe_sparse (and dense), each trained on the frozen training tables (the trainer's
     leave-future-out view) with the neural model frozen, scored as the full mixture with the causal val cache (no
     TTT). The offline gates read hidden states only; the artifact's own gate also reads the count features."""
@@ -395,11 +397,12 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     # Train positions are the first pass over the stream, so stream position == index (no wrap-around).
     in_table = tg.table_mask(tables.orders, torch.arange(len(train_stream)), prefill_tokens)
     train_probs, train_valid, _ = tg.expert_inputs(tables, train_stream, train.positions, args.ngram_min_count,
-                                                   in_table=in_table, discount=args.ngram_discount)
+                                                   in_table=in_table, discount=args.ngram_discount,
+                                                   document=document)
     del tables
     val_probs, val_valid, val_features = causal_cache_experts(val_tokens, args.vocab_size, orders,
                                                               args.eval_chunk_tokens, args.ngram_min_count,
-                                                              args.ngram_discount)
+                                                              args.ngram_discount, document)
     rows = val.positions - 1
     val_probs, val_valid, val_features = val_probs[:, rows], val_valid[:, rows], val_features[rows]
     floor = model.neural_floor
@@ -412,7 +415,7 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     # The gate probe's target: which slot gives the gold token the most probability.
     probe_train = best_expert(train.neural_logprob, train_probs, train_valid)
     probe_val = best_expert(val.neural_logprob, val_probs, val_valid)
-    probe_scores = probe_layers(train.states, probe_train, val.states, probe_val, 1 + len(orders), epochs, lr, 7)
+    probe_scores = probe_layers(train.states, probe_train, val.states, probe_val, 1 + args.ngram_experts, epochs, lr, 7)
     # Router init from the probes' held-out NLL (lower is better); top-1 is flat where one class dominates.
     router_scores = [-x for x in probe_scores["nll"]]
     with torch.no_grad():
@@ -425,7 +428,7 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
         for seed in range(seeds):
             torch.manual_seed(seed)
             gate = RoutedLinear(make_router(variant, train.states.shape[0], top_m, router_scores, seed),
-                                nn.Linear(train.states.shape[2], 1 + len(orders)))
+                                nn.Linear(train.states.shape[2], 1 + args.ngram_experts))
             with torch.no_grad():
                 # train_gpt's gate init: zero weights, +2 on the neural slot
                 gate.out.weight.zero_()
@@ -445,7 +448,7 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     per_token["own_gate"] = own_nll
     pairs = [("probe_sparse", "last"), ("probe_sparse", "dense"), ("probe_sparse", "own_gate"), ("last", "own_gate")]
     intervals = {f"{a}-{b}": paired_bootstrap((per_token[a] - per_token[b]).numpy(), docs, weights) for a, b in pairs}
-    return dict(probe_target_share=np.bincount(probe_val.numpy(), minlength=1 + len(orders)).tolist(),
+    return dict(probe_target_share=np.bincount(probe_val.numpy(), minlength=1 + args.ngram_experts).tolist(),
                 probe_scores=probe_scores, router_init_scores=router_scores, variants=per_variant,
                 own_gate=dict(bpb=bpb(own_nll), val_loss=float(own_nll.mean())), paired_bootstrap_bpb=intervals,
                 scored_tokens=len(val.positions), scored_bytes=int(val_bytes.sum()),
@@ -528,7 +531,8 @@ def main(argv=None) -> dict:
     model = tg.model_from_artifact(args, opts.artifact, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    luts = tg.build_byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size, device)
+    sp = tg.load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts, document = tg.build_byte_luts(sp, args.vocab_size, device), args.document_cache(sp.bos_id())
     val_tokens = tg.load_validation_tokens(args.data_path, args.vocab_size, opts.val_tokens)
     train_files = tg.list_shards(args.data_path, "train")
     stream = tg.TokenStream(train_files, args.vocab_size)
@@ -554,11 +558,11 @@ def main(argv=None) -> dict:
     lap("mtp")
     if args.ngram:
         result["gate"] = gate_comparison(model, args, train, train_stream, prefill_tokens, val, val_tokens, luts,
-                                         opts.seeds, opts.top_m, opts.epochs, opts.lr, opts.router_lr)
+                                         document, opts.seeds, opts.top_m, opts.epochs, opts.lr, opts.router_lr)
         # The offline mixture must be train_gpt's own evaluation (cache, no TTT) with the artifact's gate.
         setup = tg.EvalSetup(model, model.hidden, val_tokens, luts, args.train_seq_len, args.eval_stride,
                              max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
-                             ngram_discount=args.ngram_discount)
+                             ngram_discount=args.ngram_discount, document=document)
         reference = tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
                                       tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders), tg.TTTConfig())
         result["gate"]["own_gate"]["train_gpt_eval_bpb"] = reference.val_bpb

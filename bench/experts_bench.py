@@ -36,6 +36,8 @@ FIT_FRACTION = 0.2
 # the weak model's slices: the first 131,072 val tokens (VAL_MAX_TOKENS of configs/sample_cpu.env), in 4 quarters
 WEAK_TOKENS = 131072
 WEAK_SLICES = 4
+# the document cache of train_gpt's defaults (NGRAM_DOC_ORDER, NGRAM_DOC_PRIOR)
+DOC_ORDER, DOC_PRIOR = 4, 0.5
 
 
 def load_train_gpt():
@@ -228,6 +230,15 @@ def main():
         expert_lp[top] = torch.log(nm.smoothed_probs(rows(every, top), 1024, d)).T.numpy()
         features = nm.expert_features(rows(every, top), long_orders[:top]).numpy()
         report(f"gate over abs.-discounting experts 1-{top} (count features)", fit_gate(expert_lp[top], features, fit))
+    # the document cache (train_gpt's defaults): the current document's orders 1-4 above the top expert 1-7
+    document = nm.DocumentCache(1024, bos_id=1, max_order=DOC_ORDER, prior=DOC_PRIOR)
+    positions = torch.arange(1, len(tokens))
+    doc_context, doc_pair = document.counts(tokens, positions, tokens[positions])
+    doc_lp = np.log(document.probs(doc_context, doc_pair, torch.from_numpy(np.exp(expert_lp[7][:, -1]))).numpy())
+    doc_features = torch.log1p(doc_context.double()).T.numpy()
+    features = np.concatenate([nm.expert_features(rows(every, 7), orders).numpy(), doc_features], 1)
+    report(f"gate over experts 1-7 + document cache 1-{DOC_ORDER} (count features)",
+           fit_gate(np.concatenate([expert_lp[7], doc_lp[:, None]], 1), features, fit))
 
     print(f"\n{'with the sample model (neural per-target probabilities)':<62} {'BPB':>6}  last80%")
     neural_lp = -neural["nll"]
@@ -245,10 +256,13 @@ def main():
         features = np.concatenate([nm.expert_features(rows(every, top), long_orders[:top]).numpy(), neural_features], 1)
         report(f"gate over neural + experts 1-{top} (count + neural-entropy features)",
                fit_gate(np.concatenate([neural_lp[:, None], expert_lp[top]], 1), features, fit))
+    features = np.concatenate([nm.expert_features(rows(every, 7), orders).numpy(), doc_features, neural_features], 1)
+    report(f"gate over neural + experts 1-7 + document cache 1-{DOC_ORDER}",
+           fit_gate(np.concatenate([neural_lp[:, None], expert_lp[7], doc_lp[:, None]], 1), features, fit))
 
     print("\npaired bootstrap over documents, BPB(a) - BPB(b) [95% interval]")
     # row indices in the order printed above
-    for a, b in ((1, 0), (4, 3), (8, 3), (8, 7), (12, 10), (13, 10), (13, 12)):
+    for a, b in ((1, 0), (4, 3), (8, 3), (8, 7), (9, 7), (13, 11), (14, 11), (14, 13), (15, 13), (15, 11)):
         a, b = keys[a], keys[b]
         delta, low, high = paired_interval(doc, results[a], results[b], n_bytes)
         print(f"  {a}\n  - {b}: {delta:+.4f} [{low:+.4f}, {high:+.4f}]")

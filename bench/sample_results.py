@@ -59,7 +59,7 @@ def main():
         audit = None
         if cache is not None:
             audit = tg.LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device)
-        record = tg.TargetRecord(len(run.val_tokens) - 1, 1 + len(args.ngram_orders), run.device)
+        record = tg.TargetRecord(len(run.val_tokens) - 1, 1 + args.ngram_experts, run.device)
         ttt = tg.TTTConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip,
                            gate_steps, args.ngram_gate_eval_lr)
         result = tg.eval_ngram_ttt(setup, bounds, cache, ttt, audit, record)

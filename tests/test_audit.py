@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from ngram_mixer import NgramTables
+from ngram_mixer import DocumentCache, NgramTables
 from test_mixer_eval import ORDERS, mixer_model
 from test_train_gpt import make_setup
 
@@ -19,10 +19,10 @@ def tokens(sample_val_tokens):
     return sample_val_tokens[:769].clone()
 
 
-def audit_model():
+def audit_model(document_order=0):
     """The tiny mixer model with random output projections: freshly initialized ones are zero, which would make
     attention (and so any attention bug) invisible."""
-    model = mixer_model()
+    model = mixer_model(document_order=document_order)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for block in model.blocks:
@@ -31,9 +31,9 @@ def audit_model():
     return model
 
 
-def evaluate(tokens, cache=None, ttt_epochs=1):
-    setup = make_setup(audit_model(), tokens, 32, 8)
-    setup.min_count = 1
+def evaluate(tokens, cache=None, ttt_epochs=1, document=None):
+    setup = make_setup(audit_model(len(document.orders) if document else 0), tokens, 32, 8)
+    setup.min_count, setup.document = 1, document
     cache = NgramTables(1024, (1,) + ORDERS) if cache is None else cache
     ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0, gate_steps=4, gate_lr=0.05)
     return tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(tokens), 96), cache, ttt, tg.LegalityAudit(AUDITED, 0))
@@ -146,3 +146,42 @@ def test_gate_learning_from_a_chunk_before_scoring_it_stops_the_run(tokens, monk
     monkeypatch.setattr(tg, "score_span", learn_first)
     with pytest.raises(RuntimeError, match="causality violated.*the gate"):
         evaluate(tokens, ttt_epochs=0)
+
+
+# ----- the document cache (the audited tokens span two documents: BOS at 0 and 523) -----
+
+class CountsItsTarget(DocumentCache):
+    """Counts the target's own occurrence as if the window ended after t: every candidate's count gains 1."""
+
+    def counts(self, stream, positions, targets):
+        context, pair = super().counts(stream, positions, targets)
+        return context + 1, pair + 1
+
+
+class ReadsTheNextToken(DocumentCache):
+    """A unigram that also counts the token after t: still a distribution (one more count, on one token), but it
+    depends on the future."""
+
+    def counts(self, stream, positions, targets):
+        context, pair = super().counts(stream, positions, targets)
+        ahead = stream[(positions + 1).clamp(max=len(stream) - 1)]
+        context[0] += 1
+        pair[0] += (ahead == targets).long()
+        return context, pair
+
+
+def test_honest_document_cache_passes(tokens):
+    result = evaluate(tokens, document=DocumentCache(1024, bos_id=1, max_order=3))
+    count, sum_err, gold_err, future_delta = result.audit
+    assert count == len(AUDITED) and not tg.audit_fails(result.audit)
+    assert sum_err < 1e-6 and gold_err < 1e-6 and future_delta < 1e-6
+
+
+def test_document_cache_counting_its_target_fails(tokens):
+    result = evaluate(tokens, document=CountsItsTarget(1024, bos_id=1, max_order=3))
+    assert tg.audit_fails(result.audit) and result.audit[1] > 1e-4
+
+
+def test_document_cache_reading_the_next_token_fails(tokens):
+    result = evaluate(tokens, ttt_epochs=0, document=ReadsTheNextToken(1024, bos_id=1, max_order=3))
+    assert tg.audit_fails(result.audit) and result.audit[1] < 1e-4 and result.audit[3] > 1e-5

@@ -188,3 +188,73 @@ def test_triton_counts_under_interpreter():
                           "-k", "test_triton_counts_match_torch"], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True)
     assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+
+
+# ----- the document cache -----
+
+def reference_window(stream, t, bos_id, horizon):
+    """lo: the last bos_id in stream[t-horizon:t], else max(t - horizon, 0)."""
+    for q in range(t - 1, max(t - horizon, 0) - 1, -1):
+        if stream[q] == bos_id:
+            return q
+    return max(t - horizon, 0)
+
+
+@pytest.mark.parametrize("horizon", [1, 7, 40, 8192])
+def test_document_counts_are_those_of_the_window_before_t(horizon):
+    # a small vocabulary with id 0 as BOS opening documents of 1 to 150 tokens, repeats inside them
+    stream = repetitive_stream(5, 600, seed=horizon) + 1
+    stream[[0, 90, 91, 240, 390, 550]] = 0
+    document = nm.DocumentCache(6, bos_id=0, max_order=3, horizon=horizon)
+    positions = torch.arange(1, stream.numel())
+    context, pair = document.counts(stream, positions, stream[positions])
+    starts = document.window_starts(stream, positions)
+    as_list = stream.tolist()
+    for p, t in enumerate(positions.tolist()):
+        lo = reference_window(as_list, t, 0, horizon)
+        assert int(starts[p]) == lo
+        for k, n in enumerate(document.orders):
+            # the n-grams inside stream[lo:t]: reference_counts over the window alone, context fitted inside it
+            expected = reference_counts(as_list[lo:t + 1], t - lo, as_list[t], n)[:2]
+            assert (int(context[k, p]), int(pair[k, p])) == expected, (t, n, lo)
+    assert (context[0] > 0).all() and ((context[-1] > 0).any() or horizon < 3)
+
+
+def test_document_expert_sums_to_one_and_never_reads_t_or_later(sample_val_tokens):
+    stream, vocab = sample_val_tokens[:3000], 1024
+    document = nm.DocumentCache(vocab, bos_id=1, max_order=4, prior=0.5)
+    base = torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    # 523: the second document starts here (BOS at 523), so 524 sees a one-token window
+    for t in (1, 2, 523, 524, 600, 2999):
+        # the audit's form: the stream ends right before t, every token a candidate
+        dist = document.probs(*document.counts(stream[:t], torch.full((vocab,), t), torch.arange(vocab)), base)
+        assert abs(float(dist.sum()) - 1) < 1e-12 and (dist > 0).all()
+        perturbed = stream.clone()
+        perturbed[t:] = torch.randint(0, vocab, (stream.numel() - t,), generator=gen)
+        # t's candidates from the stream cut at t equal what the full (and a perturbed) stream gives at t
+        for full in (stream, perturbed):
+            scored = document.probs(*document.counts(full, torch.tensor([t]), stream[t:t + 1]), base[:1])
+            assert torch.allclose(dist[stream[t]], scored[0], rtol=0, atol=1e-15)
+
+
+def test_document_expert_joins_the_table_experts_last(sample_val_tokens):
+    stream = sample_val_tokens[:5000]
+    tables = NgramTables(1024, (1, 2, 3))
+    tables.extend(stream[:3000])
+    positions = torch.arange(3000, 5000)
+    document = nm.DocumentCache(1024, bos_id=1, max_order=2)
+    probs, valid, features = nm.expert_inputs(tables, stream, positions, 1, discount=0.8, document=document)
+    plain = nm.expert_inputs(tables, stream, positions, 1, discount=0.8)
+    assert probs.shape == (3, 2000) and valid.shape == (3, 2000)
+    assert features.shape == (2000, nm.expert_feature_count(2, 2))
+    assert torch.equal(probs[:2], plain[0]) and torch.equal(features[:, :5], plain[2])
+    # above the highest table order, sharper where the document repeats itself
+    context, pair = document.counts(stream, positions, stream[positions])
+    top = smoothed_probs(tables.counts(stream, positions), 1024, 0.8)[-1]
+    assert torch.allclose(probs[2].double(), document.probs(context, pair, top), rtol=1e-6)
+    assert torch.equal(features[:, 5:], torch.log1p(context.float()).T)
+    repeats = pair[-1] > 0  # the target already followed this context in the document
+    assert repeats.sum() > 100 and float(torch.log(probs[2] / probs[1])[repeats].mean()) > 0.5
+    with pytest.raises(ValueError, match="DocumentCache needs"):
+        nm.DocumentCache(1024, 1, max_order=0)

@@ -25,12 +25,12 @@ ORDERS = (2, 3, 4, 5, 6, 7)
 TABLE_ORDERS = (1,) + ORDERS
 
 
-def mixer_model(seed=0):
+def mixer_model(seed=0, document_order=0):
     """A tiny model whose gate already trusts the experts a fair amount, so cache effects show in the scores."""
-    model = tiny_model(num_experts=len(ORDERS), seed=seed)
+    model = tiny_model(num_experts=len(ORDERS), seed=seed, document_order=document_order)
     with torch.no_grad():
         model.gate.weight.normal_(0, 0.5)
-        model.gate.bias.copy_(torch.tensor([0.5] + [0.0] * len(ORDERS)))
+        model.gate.bias.copy_(torch.tensor([0.5] + [0.0] * (model.gate.bias.numel() - 1)))
         model.gate_features.weight.normal_(0, 0.2)
     return model
 

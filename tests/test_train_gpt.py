@@ -14,11 +14,13 @@ from conftest import (BASELINE_MODEL, REPO_ROOT, log_fields, SAMPLE_TOKENIZER, S
                       TINY_ENV, log_value, model_args, run_trainer)
 
 
-def tiny_model(num_experts=0, seed=0):
+def tiny_model(num_experts=0, seed=0, document_order=0):
+    """num_experts table orders 2 .. 1 + num_experts, and the document cache's orders 1..document_order (0: none)."""
     torch.manual_seed(seed)
     args = model_args(**BASELINE_MODEL, vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
                       mlp_mult=2, qk_gain_init=1.5, tied_embed_init_std=0.05)
-    args.ngram, args.ngram_max_order = num_experts > 0, 1 + max(num_experts, 1)  # orders 2 .. 1 + num_experts
+    args.ngram, args.ngram_max_order = num_experts > 0, 1 + max(num_experts, 1)
+    args.ngram_doc_order = document_order
     return tg.GPT(args)
 
 
