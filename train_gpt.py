@@ -124,7 +124,7 @@ class Hyperparameters:
         # Absolute discount of the smoothed experts (bench/experts_bench.py: fitted 0.871 on the sample's first 20%).
         self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
         # The document cache expert: orders 1..NGRAM_DOC_ORDER of the current document, Dirichlet prior (README).
-        self.ngram_doc_order, self.ngram_doc_prior = (int(os.environ.get("NGRAM_DOC_ORDER", 4)) if self.ngram else 0,
+        self.ngram_doc_order, self.ngram_doc_prior = (int(os.environ.get("NGRAM_DOC_ORDER", 4)),
                                                       float(os.environ.get("NGRAM_DOC_PRIOR", 0.5)))
         # The gate keeps learning at evaluation, score first: Adam steps on each scored chunk (ngram_mixer.OnlineGate).
         self.ngram_gate_eval_steps = int(os.environ.get("NGRAM_GATE_EVAL_STEPS", 16))
@@ -160,11 +160,11 @@ class Hyperparameters:
 
     @property
     def ngram_experts(self) -> int:  # the gate's expert slots: one per table order, and the document cache's
-        return len(self.ngram_orders) + (self.ngram_doc_order > 0)
+        return len(self.ngram_orders) + bool(self.ngram and self.ngram_doc_order)
 
     def document_cache(self, bos_id: int) -> DocumentCache | None:
         return DocumentCache(self.vocab_size, bos_id, self.ngram_doc_order, self.ngram_doc_prior) \
-            if self.ngram_doc_order else None
+            if self.ngram and self.ngram_doc_order else None
 
 
 # The micro-batches of one optimizer step, summed over all processes. Keeping this fixed makes the global batch,
