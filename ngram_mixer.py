@@ -208,10 +208,10 @@ def _stable_argsort(x):
 
 
 class _EarlierEqual:
-    """Counts of earlier equal keys: for query (key q, bound t), #{events e : key_e == q and position_e < t}.
+    """Counts of equal keys in a position range: #{events e : key_e == q and lo <= position_e < hi} per query q.
 
     Events are sorted by (key, position) once: a stable sort by key of events given in position order. Within
-    a key's group the positions ascend, so the count is a binary search for t inside the group. The two-level
+    a key's group the positions ascend, so a count is a binary search for each bound inside the group. The two-level
     search is one searchsorted over comp = group_start * S + position (S > every bound), which is sorted: a
     group's values lie in [group_start * S, group_start * S + S) and the next group starts at >= (start + 1) * S.
     """
@@ -232,20 +232,16 @@ class _EarlierEqual:
         self.n_groups = int(new_group.sum())
 
     def count_between(self, query, lo, hi):
-        """#{events with key == query and lo <= position < hi}; lo None means no lower bound."""
-        if self.keys.numel() == 0:
-            return torch.zeros_like(query)
-        return self.count(query, hi) if lo is None else self.count(query, hi) - self.count(query, lo)
-
-    def count(self, query, bound):
-        """query: [..] int64 keys; bound: [..] int64 in [0, bound_limit]. Returns int64 [..]."""
+        """#{events with key == query and lo <= position < hi}: query [..] int64 keys, lo None (no lower bound) or
+        [..] int64, hi [..] int64, bounds in [0, bound_limit]. Returns int64 [..]."""
         n = self.keys.numel()
         if n == 0:
             return torch.zeros_like(query)
-        lo = _searchsorted(self.keys, query)
-        found = self.keys[lo.clamp(max=n - 1)] == query
-        below = _searchsorted(self.comp, lo * self.scale + bound) - lo
-        return torch.where(found, below, 0)
+        group = _searchsorted(self.keys, query)  # where the query's key group starts, found or not
+        found = self.keys[group.clamp(max=n - 1)] == query
+        below_hi = _searchsorted(self.comp, group * self.scale + hi)
+        below_lo = group if lo is None else _searchsorted(self.comp, group * self.scale + lo)
+        return torch.where(found, below_hi - below_lo, 0)
 
 
 @dataclass

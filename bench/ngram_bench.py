@@ -7,6 +7,8 @@ for more. On CPU: extend and lookup of --tokens tokens (default 1M) next to nump
 np.searchsorted), whose arrays and counts must equal ours. With --device cuda also: one extend of 100M tokens,
 32K-token extends into that table (the eval cache's pattern), and a lookup of 1M positions x all orders with the
 Triton kernel and the torch path (median of triton.testing.do_bench), which must agree exactly.
+On either device: expert_inputs for one evaluation batch (4,096 and 65,536 targets), the
+table experts alone against the same plus the document cache (DocumentCache, orders 1-4), side by side.
 """
 import argparse
 import sys
@@ -193,6 +195,23 @@ def bench_cuda(rows):
     print(f"cuda: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}")
 
 
+def bench_expert_inputs(device, rows):
+    """Wall time of expert_inputs for one eval batch of targets after a 1M-token cache: the table experts alone,
+    then with the document cache (train_gpt's defaults), alternating rounds on the same inputs."""
+    stream = torch.from_numpy(load_tokens(2_000_000)).to(device)
+    tables = nm.NgramTables(VOCAB, (1,) + ORDERS, device=device)
+    tables.extend(stream[:1_000_000])
+    document = nm.DocumentCache(VOCAB, bos_id=1, max_order=4, prior=0.5)
+    for batch in (4096, 65536):
+        positions = torch.arange(1_000_000, 1_000_000 + batch, device=device)
+        (t_tables, t_both), _ = race([lambda: nm.expert_inputs(tables, stream, positions, 1, discount=0.87),
+                                      lambda: nm.expert_inputs(tables, stream, positions, 1, discount=0.87,
+                                                               document=document)], device)
+        # the ratio column: how many times the time of the table experts alone
+        rows.append((f"{device.type} expert_inputs, {batch:,} targets, ms: + document cache | tables alone",
+                     t_both * 1e3, t_tables * 1e3))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -202,11 +221,13 @@ def main():
     torch.set_num_threads(args.threads)
     rows = []
     bench_cpu(args.tokens, rows)
+    bench_expert_inputs(torch.device("cpu"), rows)
     if args.device == "cuda":
         bench_cuda(rows)
+        bench_expert_inputs(torch.device("cuda"), rows)
     print(f"\n{'figure':66s} {'ours':>14s} {'numpy ref':>14s} {'ours/ref':>9s}")
     for name, ours, ref in rows:
-        ratio = f"{ours / ref:9.2f}" if ref is not None and "/s" in name else ""
+        ratio = f"{ours / ref:9.2f}" if ref is not None and ("/s" in name or "|" in name) else ""
         ref_text = f"{ref:14,.2f}" if ref is not None else ""
         print(f"{name:66s} {ours:14,.2f} {ref_text:>14s} {ratio}")
 
