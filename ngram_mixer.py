@@ -10,7 +10,8 @@ Mixture. At position t, with the neural distribution q_t and gate logits g_t com
 Expert k is built from exact counts: c_k(ctx, v) / c_k(ctx), or the interpolated absolute-discounting
 distribution of smoothed_probs() that backs off through the lower orders to the uniform. Either is a full
 distribution over the vocabulary (below), so p_t sums to 1 whatever the gate says, and a floor > 0 keeps every
-token's probability > 0. mixture_weights() is the one place the weights are made.
+token's probability > 0. mixture_weights() is the one place the weights are made. The last expert may be the
+DocumentCache: the current document's own n-grams (window_counts), smoothed on top of the highest table order.
 
 Causality. A table holds only tokens already scored: the eval cache starts empty and extend(chunk) runs after
 the chunk has been scored. counts() adds the chunk's own n-grams that end before t (every token before t counts,
