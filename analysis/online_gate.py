@@ -34,11 +34,11 @@ def replay(tg, args, artifact: Path) -> dict:
     device = torch.device("cpu")
     model = tg.model_from_artifact(args, artifact, device).eval()
     tokens = tg.load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens)
-    luts = tg.build_byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size, device)
+    sp = tg.load_tokenizer(args.tokenizer_path, args.vocab_size)
+    luts = tg.build_byte_luts(sp, args.vocab_size, device)
     setup = tg.EvalSetup(model, model.hidden, tokens, luts, args.train_seq_len, args.eval_stride,
                          max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
-                         ngram_discount=args.ngram_discount,
-                         document=args.document_cache(tg.load_tokenizer(args.tokenizer_path, args.vocab_size).bos_id()))
+                         ngram_discount=args.ngram_discount, document=args.document_cache(sp.bos_id()))
     cache = tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders)
     chunks = []
     bounds = tg.chunk_bounds(len(tokens), args.eval_chunk_tokens)

@@ -36,8 +36,6 @@ FIT_FRACTION = 0.2
 # the weak model's slices: the first 131,072 val tokens (VAL_MAX_TOKENS of configs/sample_cpu.env), in 4 quarters
 WEAK_TOKENS = 131072
 WEAK_SLICES = 4
-# the document cache of train_gpt's defaults (NGRAM_DOC_ORDER, NGRAM_DOC_PRIOR)
-DOC_ORDER, DOC_PRIOR = 4, 0.5
 
 
 def load_train_gpt():
@@ -230,14 +228,15 @@ def main():
         expert_lp[top] = torch.log(nm.smoothed_probs(rows(every, top), 1024, d)).T.numpy()
         features = nm.expert_features(rows(every, top), long_orders[:top]).numpy()
         report(f"gate over abs.-discounting experts 1-{top} (count features)", fit_gate(expert_lp[top], features, fit))
-    # the document cache (train_gpt's defaults): the current document's orders 1-4 above the top expert 1-7
-    document = nm.DocumentCache(1024, bos_id=1, max_order=DOC_ORDER, prior=DOC_PRIOR)
+    # the document cache as train_gpt builds it (NGRAM_DOC_ORDER, NGRAM_DOC_PRIOR) above the top expert 1-7
+    document = tg.Hyperparameters().document_cache(bos_id=1)
+    doc_order = document.orders[-1]
     positions = torch.arange(1, len(tokens))
     doc_context, doc_pair = document.counts(tokens, positions, tokens[positions])
     doc_lp = np.log(document.probs(doc_context, doc_pair, torch.from_numpy(np.exp(expert_lp[7][:, -1]))).numpy())
     doc_features = torch.log1p(doc_context.double()).T.numpy()
     features = np.concatenate([nm.expert_features(rows(every, 7), orders).numpy(), doc_features], 1)
-    report(f"gate over experts 1-7 + document cache 1-{DOC_ORDER} (count features)",
+    report(f"gate over experts 1-7 + document cache 1-{doc_order} (count features)",
            fit_gate(np.concatenate([expert_lp[7], doc_lp[:, None]], 1), features, fit))
 
     print(f"\n{'with the sample model (neural per-target probabilities)':<62} {'BPB':>6}  last80%")
@@ -257,7 +256,7 @@ def main():
         report(f"gate over neural + experts 1-{top} (count + neural-entropy features)",
                fit_gate(np.concatenate([neural_lp[:, None], expert_lp[top]], 1), features, fit))
     features = np.concatenate([nm.expert_features(rows(every, 7), orders).numpy(), doc_features, neural_features], 1)
-    report(f"gate over neural + experts 1-7 + document cache 1-{DOC_ORDER}",
+    report(f"gate over neural + experts 1-7 + document cache 1-{doc_order}",
            fit_gate(np.concatenate([neural_lp[:, None], expert_lp[7], doc_lp[:, None]], 1), features, fit))
 
     print("\npaired bootstrap over documents, BPB(a) - BPB(b) [95% interval]")

@@ -201,7 +201,7 @@ def bench_expert_inputs(device, rows):
     stream = torch.from_numpy(load_tokens(2_000_000)).to(device)
     tables = nm.NgramTables(VOCAB, (1,) + ORDERS, device=device)
     tables.extend(stream[:1_000_000])
-    document = nm.DocumentCache(VOCAB, bos_id=1, max_order=4, prior=0.5)
+    document = nm.DocumentCache(VOCAB, bos_id=1)  # the library's defaults, train_gpt's too
     for batch in (4096, 65536):
         positions = torch.arange(1_000_000, 1_000_000 + batch, device=device)
         (t_tables, t_both), _ = race([lambda: nm.expert_inputs(tables, stream, positions, 1, discount=0.87),
