@@ -22,7 +22,6 @@ import io
 import lzma
 import math
 import os
-import random
 import re
 import resource
 import sys
@@ -36,6 +35,9 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
+# Before init_process_group: imported later (torch.optim does), its defaults hold the group past destroy_process_group
+# and its gloo threads then race the interpreter's exit ("terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
@@ -1246,9 +1248,7 @@ def start_run(args: Hyperparameters) -> Run:
     tokenizer_sha = hashlib.sha256(Path(args.tokenizer_path).read_bytes()).hexdigest()
     run.log(f"tokenizer path:{args.tokenizer_path} vocab_size:{args.vocab_size} sha256:{tokenizer_sha}")
     run.log(f"val_tokens:{len(run.val_tokens)} scored_targets:{len(run.val_tokens) - 1}")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the only generator a run draws from (Python's and numpy's are unused)
     return run
 
 

@@ -3,6 +3,7 @@
 Run:  python -m pytest -q tests/test_mixer_eval.py
 """
 import math
+import re
 import sys
 from collections import Counter
 
@@ -254,9 +255,13 @@ def tiny_artifact(tmp_path_factory):
 def test_two_process_evaluation_matches_one_process(tiny_artifact):
     workdir, artifact = tiny_artifact
     one, log1 = run_trainer(workdir, RUN_ID="eval1", EVAL_ARTIFACT=str(artifact), EVAL_DUMP="eval1.npz")
-    two, log2 = run_trainer(workdir, nproc=2, RUN_ID="eval2", EVAL_ARTIFACT=str(artifact), EVAL_DUMP="eval2.npz")
+    two, log2 = run_trainer(workdir, nproc=2, script=REPO_ROOT / "tests" / "main_then_count_threads.py", RUN_ID="eval2",
+                            EVAL_ARTIFACT=str(artifact), EVAL_DUMP="eval2.npz")
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
+    # destroy_process_group joined the gloo threads on both ranks: none is left to race the interpreter's exit
+    thread_counts = re.findall(r"threads_before_main:(\d+) threads_after_main:(\d+)", two.stdout)
+    assert len(thread_counts) == 2 and all(before == after for before, after in thread_counts), two.stdout[-2000:]
     for key in ("scored_tokens", "scored_bytes"):
         assert log_value(log1, "scored_tokens", key) == log_value(log2, "scored_tokens", key)
     for prefix in ("final_int8_zstd_roundtrip_exact", "final_ngram_ttt_exact"):
