@@ -1,6 +1,6 @@
 """Results on the bundled sample: one tiny model, scored five ways on the whole sample val shard (prints a table).
 
-  python bench/sample_results.py            # ~1 hour on 2 CPU cores
+  python bench/sample_results.py            # ~20 minutes on an idle 2-core CPU
 
 1. Trains train_gpt.py with configs/sample_cpu.env (NGRAM=1, TTT=1) on the sample train shard, scoring all
    1,040,059 sample val targets; its log gives "neural only" (the round-tripped artifact, sliding windows) and
