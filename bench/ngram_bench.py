@@ -197,16 +197,21 @@ def bench_cuda(rows):
 
 def bench_expert_inputs(device, rows):
     """Wall time of expert_inputs for one eval batch of targets after a 1M-token cache: the table experts alone,
-    then with the document cache (train_gpt's defaults), alternating rounds on the same inputs."""
+    then with the document cache, alternating rounds on the same inputs. Orders, min count, discount and the
+    document cache are train_gpt's defaults (its Hyperparameters), so the bench follows them."""
+    import train_gpt
+
+    args = train_gpt.Hyperparameters()
     stream = torch.from_numpy(load_tokens(2_000_000)).to(device)
-    tables = nm.NgramTables(VOCAB, (1,) + ORDERS, device=device)
+    tables = nm.NgramTables(VOCAB, (1,) + args.ngram_orders, device=device)
     tables.extend(stream[:1_000_000])
-    document = nm.DocumentCache(VOCAB, bos_id=1)  # the library's defaults, train_gpt's too
+    document = args.document_cache(bos_id=1)
     for batch in (4096, 65536):
         positions = torch.arange(1_000_000, 1_000_000 + batch, device=device)
-        (t_tables, t_both), _ = race([lambda: nm.expert_inputs(tables, stream, positions, 1, discount=0.87),
-                                      lambda: nm.expert_inputs(tables, stream, positions, 1, discount=0.87,
-                                                               document=document)], device)
+        (t_tables, t_both), _ = race([
+            lambda: nm.expert_inputs(tables, stream, positions, args.ngram_min_count, discount=args.ngram_discount),
+            lambda: nm.expert_inputs(tables, stream, positions, args.ngram_min_count, discount=args.ngram_discount,
+                                     document=document)], device)
         # the ratio column: how many times the time of the table experts alone
         rows.append((f"{device.type} expert_inputs, {batch:,} targets, ms: + document cache | tables alone",
                      t_both * 1e3, t_tables * 1e3))
