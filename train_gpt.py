@@ -628,8 +628,7 @@ class GPT(nn.Module):
         self.gate = nn.Linear(model_dim, 1 + num_experts) if num_experts else None
         # The experts' prefix-only count features (expert_inputs) shift the gate's logits.
         self.gate_features = nn.Linear(expert_feature_count(len(args.ngram_orders), args.ngram_doc_order),
-                                       1 + num_experts, bias=False) \
-            if num_experts else None
+                                       1 + num_experts, bias=False) if num_experts else None
         nn.init.normal_(self.tok_emb.weight, std=args.tied_embed_init_std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
@@ -680,9 +679,11 @@ class GPT(nn.Module):
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def gate_logits(self, h: Tensor, features: Tensor | None = None) -> Tensor:
-        """[..., D] hidden states and [..., F] expert features (expert_inputs) -> [..., 1 + K] float32 logits."""
-        shift = 0.0 if features is None else self.gate_features(features.to(self.gate_features.weight.dtype)).float()
-        return self.gate(h).float() + shift
+        """[..., D] hidden states and [..., F] expert features (expert_inputs) -> [..., 1 + K] logits: float32, or
+        float64 from float64 h (the scoring rule, mix)."""
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        shift = 0.0 if features is None else F.linear(features.to(h.dtype), self.gate_features.weight.to(h.dtype))
+        return F.linear(h, self.gate.weight.to(h.dtype), self.gate.bias.to(h.dtype)).to(dtype) + shift
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, expert_probs: Tensor | None = None,
                 expert_valid: Tensor | None = None, expert_features: Tensor | None = None
@@ -763,9 +764,8 @@ def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tenso
         return neural_lp, None
     probs, valid, features = expert_inputs(cache, stream, positions, setup.min_count, targets,
                                            discount=setup.ngram_discount, document=setup.document)
-    with setup.autocast():
-        gate_logits = setup.model.gate_logits(h, features)
-    weights = mixture_weights(gate_logits, valid, setup.model.neural_floor)
+    # float64, no autocast: the audit re-scores a target in a batch of another size, where a bf16 gate rounds otherwise
+    weights = mixture_weights(setup.model.gate_logits(h.double(), features.double()), valid, setup.model.neural_floor)
     if online_gate is not None:
         online_gate.remember(positions, h, neural_lp, probs, valid, features)
     return mixture_logprob(neural_lp, probs, valid, weights), weights

@@ -7,8 +7,9 @@ for more. On CPU: extend and lookup of --tokens tokens (default 1M) next to nump
 np.searchsorted), whose arrays and counts must equal ours. With --device cuda also: one extend of 100M tokens,
 32K-token extends into that table (the eval cache's pattern), and a lookup of 1M positions x all orders with the
 Triton kernel and the torch path (median of triton.testing.do_bench), which must agree exactly.
-On either device: expert_inputs for one evaluation batch (4,096 and 65,536 targets), the
-table experts alone against the same plus the document cache (DocumentCache, orders 1-4), side by side.
+On either device: expert_inputs for one evaluation batch (4,096 and 65,536 targets; on CUDA also 1M), the
+table experts alone against the same plus the document cache (DocumentCache, orders 1-4), side by side; on CUDA
+their outputs must equal the CPU's.
 """
 import argparse
 import sys
@@ -206,12 +207,21 @@ def bench_expert_inputs(device, rows):
     tables = nm.NgramTables(VOCAB, (1,) + args.ngram_orders, device=device)
     tables.extend(stream[:1_000_000])
     document = args.document_cache(bos_id=1)
-    for batch in (4096, 65536):
+    if device.type == "cuda":  # the same inputs on CPU must give the same experts
+        cpu_tables = nm.NgramTables(VOCAB, (1,) + args.ngram_orders)
+        cpu_tables.extend(stream[:1_000_000].cpu())
+    # on CUDA also a whole 1M-target chunk: all experts for 1M positions, against the 6-order lookup's 1.45 ms
+    for batch in (4096, 65536) + ((1_000_000,) if device.type == "cuda" else ()):
         positions = torch.arange(1_000_000, 1_000_000 + batch, device=device)
-        (t_tables, t_both), _ = race([
+        (t_tables, t_both), (_, both) = race([
             lambda: nm.expert_inputs(tables, stream, positions, args.ngram_min_count, discount=args.ngram_discount),
             lambda: nm.expert_inputs(tables, stream, positions, args.ngram_min_count, discount=args.ngram_discount,
                                      document=document)], device)
+        if device.type == "cuda" and batch <= 65536:
+            on_cpu = nm.expert_inputs(cpu_tables, stream.cpu(), positions.cpu(), args.ngram_min_count,
+                                      discount=args.ngram_discount, document=document)
+            for name, got, expect in zip(("probs", "valid", "features"), both, on_cpu):
+                assert torch.allclose(got.cpu().double(), expect.double(), rtol=1e-5, atol=1e-7), name
         # the ratio column: how many times the time of the table experts alone
         rows.append((f"{device.type} expert_inputs, {batch:,} targets, ms: + document cache | tables alone",
                      t_both * 1e3, t_tables * 1e3))

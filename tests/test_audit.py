@@ -185,3 +185,25 @@ def test_document_cache_counting_its_target_fails(tokens):
 def test_document_cache_reading_the_next_token_fails(tokens):
     result = evaluate(tokens, ttt_epochs=0, document=ReadsTheNextToken(1024, bos_id=1, max_order=3))
     assert tg.audit_fails(result.audit) and result.audit[1] < 1e-4 and result.audit[3] > 1e-5
+
+
+def test_scoring_rule_ignores_the_runs_bf16_autocast_and_batch_size(tokens):
+    """On GPU the run scores under a bf16 autocast, and the audit re-scores a target in a batch of another size:
+    there a bf16 gate rounded the gold log-probability 7.8e-3 apart and failed the audit (H200). The rule's gate
+    runs in float64, outside the autocast, so neither the autocast nor the batch changes a score."""
+    model = audit_model()
+    with torch.no_grad():  # the gate starts at zero, which bf16 holds exactly
+        model.gate.weight.normal_(generator=torch.Generator().manual_seed(2))
+        model.gate_features.weight.normal_(generator=torch.Generator().manual_seed(3))
+    setup = make_setup(model, tokens, 32, 8)
+    cache = NgramTables(1024, (1,) + ORDERS)
+    cache.extend(tokens[:400])
+    positions = torch.arange(400, 480)
+    generator = torch.Generator().manual_seed(4)
+    h = torch.randn(len(positions), model.tok_emb.embedding_dim, generator=generator)
+    neural_lp = -torch.rand(len(positions), generator=generator) * 8
+    plain, _ = tg.mix(setup, cache, h, neural_lp, tokens, positions)
+    setup.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    under_bf16, _ = tg.mix(setup, cache, h, neural_lp, tokens, positions)
+    alone, _ = tg.mix(setup, cache, h[:7], neural_lp[:7], tokens, positions[:7])
+    assert (plain - under_bf16).abs().max() < 1e-6 and (plain[:7] - alone).abs().max() < 1e-6
