@@ -208,17 +208,31 @@ def _stable_argsort(x):
     return torch.sort(x, stable=True).indices
 
 
+def _row_dense_ids(pair_keys, vocab_size):
+    """Dense ids of n-grams given as pair keys [K, N] int64 (context key * V + token, row k one order): pair ids
+    [K, N], equal iff the same row holds the same key, in [0, U) (rows share no id), U, and context ids [K, N],
+    equal iff the same row holds the same context. One sort serves both: pair keys sort by context first."""
+    sorted_keys, order = torch.sort(pair_keys, dim=1)
+    ids = []
+    for keys in (sorted_keys, sorted_keys.div(vocab_size, rounding_mode="floor")):
+        new = torch.ones_like(keys, dtype=torch.bool)
+        new[:, 1:] = keys[:, 1:] != keys[:, :-1]
+        ids.append(torch.empty_like(keys).scatter_(1, order, new.reshape(-1).cumsum(0).view(keys.shape) - 1))
+    return ids[0], int(ids[0].max()) + 1 if ids[0].numel() else 0, ids[1]
+
+
 class _EarlierEqual:
     """Counts of equal keys in a position range: #{events e : key_e == q and lo <= position_e < hi} per query q.
 
-    Events are sorted by (key, position) once: a stable sort by key of events given in position order. Within
+    Events are sorted by (key, position) once: a stable sort by key of events whose positions ascend per key. Within
     a key's group the positions ascend, so a count is a binary search for each bound inside the group. The two-level
     search is one searchsorted over comp = group_start * S + position (S > every bound), which is sorted: a
     group's values lie in [group_start * S, group_start * S + S) and the next group starts at >= (start + 1) * S.
     """
 
     def __init__(self, keys, positions, bound_limit):
-        # keys: [E] int64; positions: [E] int64 ascending, < bound_limit; bound_limit: int > every query bound
+        # keys: [E] int64; positions: [E] int64, < bound_limit, ascending among the events of each key;
+        # bound_limit: int > every query bound
         order = _stable_argsort(keys)
         self.keys, self.scale = keys[order], bound_limit + 1
         n = self.keys.numel()
@@ -227,10 +241,6 @@ class _EarlierEqual:
         index = torch.arange(n, device=keys.device)
         group_start = torch.cummax(torch.where(new_group, index, 0), 0).values if n else index
         self.comp = group_start * self.scale + positions[order]
-        # dense id of each event's key (0, 1, ... in key order), in the events' order
-        self.group = torch.empty_like(index)
-        self.group[order] = new_group.long().cumsum(0) - 1
-        self.n_groups = int(new_group.sum())
 
     def count_between(self, query, lo, hi):
         """#{events with key == query and lo <= position < hi}: query [..] int64 keys, lo None (no lower bound) or
@@ -405,47 +415,50 @@ class NgramTables:
         event_pos = torch.arange(first, end, device=self.device)
         event_base = self._context_bases(stream, event_pos)
         event_tokens = stream[event_pos]
-        _, event_table_pair, _, event_valid = self._table_counts(stream, event_pos, event_tokens, event_base)
-        query_pair = base + targets
-        for k in range(len(self.orders)):
-            live = event_valid[k]
-            pos, ctx_keys, table_pair = event_pos[live], event_base[k][live], event_table_pair[k][live]
-            pair_keys = ctx_keys + event_tokens[live]
-            held = torch.zeros_like(live[live]) if in_table is None else in_table[k].to(self.device)[first:end][live]
-            bound = torch.where(valid[k], positions, 0).clamp(max=end)
-            later = torch.where(valid[k], end, 0)
-            # events outside the table join where q < t; the table's own leave where q >= t
-            added, own = ~held, held
-            for sign, keep, lo, hi in ((1, added, None, bound), (-1, own, bound, later)):
-                contexts = _EarlierEqual(ctx_keys[keep], pos[keep], end)
-                pairs = _EarlierEqual(pair_keys[keep], pos[keep], end)
-                context[k] += sign * contexts.count_between(base[k], lo, hi)
-                pair[k] += sign * pairs.count_between(query_pair[k], lo, hi)
-            # distinct continuations, per pair v of this stream, with T(v) its table count and first_added(v) /
-            # first_own(v) the first position of each kind: v is seen at t iff T(v) > #own at >= t, or it was
-            # added before t. It joins at first_added(v) + 1 when T(v) = 0; it leaves at first_own(v) + 1 when
-            # all its table occurrences are own ones (counting back from the end), unless already added then.
-            groups = _EarlierEqual(pair_keys, pos, end)
-            n_groups, gid = groups.n_groups, groups.group
-            never = torch.full((n_groups,), end, dtype=torch.int64, device=self.device)
-            first_added = never.clone().scatter_reduce_(0, gid[added], pos[added], "amin")
-            first_own = never.clone().scatter_reduce_(0, gid[own], pos[own], "amin")
-            own_count = torch.zeros_like(never).index_add_(0, gid[own], torch.ones_like(pos[own]))
-            table_count = torch.zeros_like(never).scatter_(0, gid, table_pair)
-            if (own_count > table_count).any():
-                raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
-            group_ctx = torch.zeros_like(never).scatter_(0, gid, ctx_keys)
-            fresh = (table_count == 0) & (first_added < end)
-            vanishing = (own_count > 0) & (own_count == table_count)
-            rejoin = vanishing & (first_added < first_own)
-            terms = ((1, fresh, first_added, None, bound), (-1, vanishing, first_own, bound, later),
-                     (1, rejoin, first_added, None, bound), (-1, rejoin, first_own, None, bound))
-            for sign, keep, at, lo, hi in terms:
-                # one entry per pair, put in position order as _EarlierEqual requires
-                by_position = _stable_argsort(at[keep])
-                entries = _EarlierEqual(group_ctx[keep][by_position], at[keep][by_position], end)
-                distinct[k] += sign * entries.count_between(base[k], lo, hi)
-        return ExpertCounts(context, pair, distinct)
+        _, event_table_pair, _, live = self._table_counts(stream, event_pos, event_tokens, event_base)
+        # All orders at once, a few large ops instead of a loop per order (on GPU the ops' launches, not their
+        # work, bound this): flat over (order, event) and (order, query), with ids that are equal iff two n-grams
+        # have the same order and context (ctx_id) or the same order, context and token (pair_id).
+        n_events, shape = event_pos.numel(), context.shape
+        pair_id, n_pairs, ctx_id = _row_dense_ids(torch.cat([event_base + event_tokens, base + targets], dim=1),
+                                                   self.vocab_size)
+        query_ctx, query_pair = ctx_id[:, n_events:].reshape(-1), pair_id[:, n_events:].reshape(-1)
+        ctx_id, pair_id, table_pair = ctx_id[:, :n_events][live], pair_id[:, :n_events][live], event_table_pair[live]
+        pos = event_pos.expand_as(live)[live]
+        held = torch.zeros_like(live[live]) if in_table is None else in_table.to(self.device)[:, first:end][live]
+        bound = torch.where(valid, positions, 0).clamp(max=end).reshape(-1)
+        later = torch.where(valid, end, 0).reshape(-1)
+        context, pair, distinct = context.reshape(-1), pair.reshape(-1), distinct.reshape(-1)
+        # events outside the table join where q < t; the table's own leave where q >= t
+        added, own = ~held, held
+        for sign, keep, lo, hi in ((1, added, None, bound), (-1, own, bound, later)):
+            context += sign * _EarlierEqual(ctx_id[keep], pos[keep], end).count_between(query_ctx, lo, hi)
+            pair += sign * _EarlierEqual(pair_id[keep], pos[keep], end).count_between(query_pair, lo, hi)
+        # distinct continuations, per pair v of this stream, with T(v) its table count and first_added(v) /
+        # first_own(v) the first position of each kind: v is seen at t iff T(v) > #own at >= t, or it was
+        # added before t. It joins at first_added(v) + 1 when T(v) = 0; it leaves at first_own(v) + 1 when
+        # all its table occurrences are own ones (counting back from the end), unless already added then.
+        never = torch.full((n_pairs,), end, dtype=torch.int64, device=self.device)
+        first_added = never.clone().scatter_reduce_(0, pair_id[added], pos[added], "amin")
+        first_own = never.clone().scatter_reduce_(0, pair_id[own], pos[own], "amin")
+        own_count = torch.zeros_like(never).index_add_(0, pair_id[own], torch.ones_like(pos[own]))
+        table_count = torch.zeros_like(never).scatter_(0, pair_id, table_pair)
+        overdrawn = own_count > table_count
+        if overdrawn.any():
+            k = int(torch.zeros_like(never).scatter_(0, pair_id, torch.nonzero(live)[:, 0])[overdrawn][0])
+            raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
+        group_ctx = torch.zeros_like(never).scatter_(0, pair_id, ctx_id)
+        fresh = (table_count == 0) & (first_added < end)
+        vanishing = (own_count > 0) & (own_count == table_count)
+        rejoin = vanishing & (first_added < first_own)
+        terms = ((1, fresh, first_added, None, bound), (-1, vanishing, first_own, bound, later),
+                 (1, rejoin, first_added, None, bound), (-1, rejoin, first_own, None, bound))
+        for sign, keep, at, lo, hi in terms:
+            # one entry per pair, put in position order as _EarlierEqual requires
+            by_position = _stable_argsort(at[keep])
+            entries = _EarlierEqual(group_ctx[keep][by_position], at[keep][by_position], end)
+            distinct += sign * entries.count_between(query_ctx, lo, hi)
+        return ExpertCounts(context.view(shape), pair.view(shape), distinct.view(shape))
 
     def _targets(self, stream, positions, targets):
         # the token counted at each position: stream[positions], or the checked explicit targets [P]
@@ -628,16 +641,16 @@ def window_counts(stream: torch.Tensor, positions: torch.Tensor, starts: torch.T
     fits = positions - order_col + 1 >= starts  # [K, P]: the context lies inside the window
     lo = torch.where(fits, starts + order_col - 1, 0).clamp(min=first, max=end)
     hi = torch.where(fits, positions, 0).clamp(min=first, max=end)
-    context, pair = torch.zeros_like(query_base), torch.zeros_like(query_base)
-    for k, n in enumerate(orders):
-        # events whose n-gram starts before the earliest window are never inside any window
-        live = event_pos >= first + n - 1
-        pos, ctx_keys = event_pos[live], event_base[k][live]
-        contexts = _EarlierEqual(ctx_keys, pos, end)
-        pairs = _EarlierEqual(ctx_keys + event_tokens[live], pos, end)
-        context[k] = contexts.count_between(query_base[k], lo[k], hi[k])
-        pair[k] = pairs.count_between(query_base[k] + targets, lo[k], hi[k])
-    return context, pair
+    # all orders at once, as in NgramTables.counts: ids equal iff same order and same context (or context + token)
+    n_events = event_pos.numel()
+    pair_id, _, ctx_id = _row_dense_ids(torch.cat([event_base + event_tokens, query_base + targets], dim=1), vocab_size)
+    # events whose n-gram starts before the earliest window are never inside any window
+    live = event_pos >= first + order_col - 1
+    pos, lo, hi = event_pos.expand_as(live)[live], lo.reshape(-1), hi.reshape(-1)
+    contexts, pairs = (_EarlierEqual(ids[:, :n_events][live], pos, end) for ids in (ctx_id, pair_id))
+    context = contexts.count_between(ctx_id[:, n_events:].reshape(-1), lo, hi)
+    pair = pairs.count_between(pair_id[:, n_events:].reshape(-1), lo, hi)
+    return context.view(query_base.shape), pair.view(query_base.shape)
 
 
 class DocumentCache:
