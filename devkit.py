@@ -123,6 +123,8 @@ class RunLog:
     step_avg_ms: float | None = None
     # train_time of the last step line; it includes the n-gram prefill.
     train_time_ms: float | None = None
+    # (step, train_time_ms) of every train line.
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
     stopped_early: bool = False
     # (train_time_ms, val_bpb) of every step:N val line.
     val_curve: list[tuple[float, float]] = field(default_factory=list)
@@ -146,6 +148,15 @@ class RunLog:
         return int(self.hparams["seed"]) if self.hparams.get("seed", "").isdigit() else None
 
     @property
+    def steady_step_ms(self) -> float | None:
+        """ms per step over the second half of the train lines: unlike step_avg, without the n-gram prefill and the
+        first steps' warm-up, which weigh heavily in a short run. None with fewer than two train lines."""
+        if len(self.train_curve) < 2:
+            return None
+        (s0, t0), (s1, t1) = self.train_curve[(len(self.train_curve) - 1) // 2], self.train_curve[-1]
+        return (t1 - t0) / (s1 - s0)
+
+    @property
     def mixer_ran(self) -> bool:
         """Whether the n-gram mixer was on, as the trainer logged it (model_params ... ngram_orders:[...])."""
         return bool(self.ngram_orders)
@@ -167,6 +178,7 @@ def parse_text(text: str, path: Path) -> RunLog:
         elif m := RE_TRAIN.match(line):
             run.steps, run.train_time_ms, run.step_avg_ms = int(m[1]), float(m[2]), float(m[3])
             last_train = run.step_avg_ms
+            run.train_curve.append((run.steps, run.train_time_ms))
         elif m := RE_VAL.match(line):
             run.steps, run.train_time_ms = int(m[1]), float(m[3])
             run.step_avg_ms = last_train if last_train is not None else float(m[4])
