@@ -258,3 +258,16 @@ def test_document_expert_joins_the_table_experts_last(sample_val_tokens):
     assert repeats.sum() > 100 and float(torch.log(probs[2] / probs[1])[repeats].mean()) > 0.5
     with pytest.raises(ValueError, match="DocumentCache needs"):
         nm.DocumentCache(1024, 1, max_order=0)
+
+
+def test_row_dense_ids_are_equal_exactly_for_the_same_order_and_ngram():
+    gen = torch.Generator().manual_seed(5)
+    vocab = 7
+    pair_keys = torch.randint(0, 4 * vocab, (3, 50), generator=gen)  # many repeats, and the same keys in every row
+    pair_id, n_pairs, ctx_id = nm._row_dense_ids(pair_keys, vocab)
+    row = torch.arange(3)[:, None].expand_as(pair_keys)
+    same_row = row.reshape(-1, 1) == row.reshape(1, -1)
+    for ids, keys in ((pair_id, pair_keys), (ctx_id, pair_keys // vocab)):
+        same_key = keys.reshape(-1, 1) == keys.reshape(1, -1)
+        assert torch.equal(ids.reshape(-1, 1) == ids.reshape(1, -1), same_row & same_key)
+    assert torch.equal(torch.unique(pair_id), torch.arange(n_pairs))
