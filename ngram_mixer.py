@@ -399,17 +399,18 @@ class NgramTables:
         targets = self._targets(stream, positions, targets)
         base = self._context_bases(stream, positions)
         context, pair, distinct, valid = self._table_counts(stream, positions, targets, base)
+        # events up to the last bound any query needs: the last target, where only earlier n-grams join
+        last_target = min(stream.numel(), int(positions.max()) if positions.numel() else 0)
         if in_table is None:
-            first = self.num_tokens if chunk_start is None else int(chunk_start)
+            first, end = self.num_tokens if chunk_start is None else int(chunk_start), last_target
             if first < 0:
                 raise ValueError(f"chunk_start must be >= 0, got {first}")
-            # events up to the last bound any query needs
-            end = min(stream.numel(), int(positions.max()) if positions.numel() else 0)
         else:
             if in_table.shape != (len(self.orders), stream.numel()) or in_table.dtype != torch.bool:
                 raise ValueError(f"in_table must be bool [{len(self.orders)}, {stream.numel()}], "
                                  f"got {in_table.dtype} {tuple(in_table.shape)}")
-            first, end = 0, stream.numel()
+            # the table's own n-grams leave up to the stream's end; past the prefill (none held) that is moot
+            first, end = 0, stream.numel() if bool(in_table.any()) else last_target
         if end <= first:
             return ExpertCounts(context, pair, distinct)
         event_pos = torch.arange(first, end, device=self.device)

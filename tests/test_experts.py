@@ -140,6 +140,27 @@ def test_training_view_is_the_table_without_later_ngrams_plus_earlier_ones(held)
         tables.counts(stream, positions, in_table=in_table[:, :10])
 
 
+def test_training_view_past_the_prefill_is_the_table_plus_earlier_ngrams():
+    # nothing of this stream is in the table (training past the prefill): the counts stop at the last target
+    stream = repetitive_stream(4, 800, seed=9)
+    tables = NgramTables(4, ORDERS)
+    tables.extend(repetitive_stream(4, 500, seed=10))
+    in_table = torch.zeros(len(ORDERS), stream.numel(), dtype=torch.bool)
+    positions = torch.tensor([0, 3, 200, 301, 310, 555])
+    got = tables.counts(stream, positions, in_table=in_table)
+    # a query at the stream's end makes the call read every n-gram: the first queries' counts must not change
+    read_all = tables.counts(stream, torch.cat([positions, torch.tensor([799])]), in_table=in_table)
+    for field in ("context", "pair", "distinct"):
+        assert torch.equal(getattr(got, field), getattr(read_all, field)[:, :-1]), field
+    table_context, table_pair = tables.lookup(stream, positions)
+    as_list = stream.tolist()
+    for p, t in enumerate(positions.tolist()):
+        for k, n in enumerate(ORDERS):
+            context, pair, _ = reference_counts(as_list, t, as_list[t], n)
+            assert (int(got.context[k, p]), int(got.pair[k, p])) == (int(table_context[k, p]) + context,
+                                                                     int(table_pair[k, p]) + pair), (t, n)
+
+
 def test_smoothed_rows_back_off_and_reject_bad_settings():
     counts = ExpertCounts(torch.tensor([[10], [0], [4]]), torch.tensor([[3], [0], [4]]), torch.tensor([[5], [0], [1]]))
     probs = smoothed_probs(counts, 16, 0.5)
