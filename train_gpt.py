@@ -130,7 +130,7 @@ class Hyperparameters:
                                                       float(os.environ.get("NGRAM_DOC_PRIOR", 0.5)))
         # The gate keeps learning at evaluation, score first: Adam steps on each scored chunk (ngram_mixer.OnlineGate).
         self.ngram_gate_eval_steps = int(os.environ.get("NGRAM_GATE_EVAL_STEPS", 16))
-        self.ngram_gate_eval_lr = float(os.environ.get("NGRAM_GATE_EVAL_LR", 0.005))
+        self.ngram_gate_eval_lr = float(os.environ.get("NGRAM_GATE_EVAL_LR", 0.003))
         # Quantization + compression: per-row int matrices (embedding EMBED_BITS), GPTQ on training tokens, SDClip.
         self.quant_bits = int(os.environ.get("QUANT_BITS", 6))
         self.embed_bits = int(os.environ.get("EMBED_BITS", 7))
