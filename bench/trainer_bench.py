@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from devkit import SAMPLE_SHARDS, SAMPLE_TOKENIZER, parse_log, read_env_file  # noqa: E402
+from devkit import SAMPLE_SHARDS, SAMPLE_TOKENIZER, parse_text, read_env_file  # noqa: E402
 
 
 def main():
@@ -57,12 +57,13 @@ def main():
             code = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=env,
                                   stdout=subprocess.DEVNULL).returncode
             log_path = workdir / "logs" / f"{run_id}.txt"
-            steady = parse_log(log_path).steady_step_ms if log_path.exists() else None
+            log = log_path.read_text() if log_path.exists() else ""  # a run can fail before it writes its log
+            steady = parse_text(log, log_path).steady_step_ms
             if steady is not None:
                 step_ms[name].append(steady)
             keep = ("step:", "ngram_prefill", "peak", "Total", "final_", "legality", "LEGALITY", "eval_time",
                     "scored")
-            lines = [ln for ln in log_path.read_text().splitlines() if ln.startswith(keep)] if log_path.exists() else []
+            lines = [ln for ln in log.splitlines() if ln.startswith(keep)]
             print(f"== {run_id} (exit {code})\n" + "\n".join(lines), flush=True)
             if code:
                 failed.append(f"{run_id} exited {code}")

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, TINY_ENV, log_value, run_trainer
-import devkit
-from devkit import Audit, RunLog, log_fields
+from devkit import Audit, RunLog, log_fields, parse_text
 
 SEEDS = (1, 2, 3)
 # VAL_LOSS_EVERY=2 gives loss.png three val points per seed (steps 0, 2, 4).
@@ -178,10 +177,10 @@ def test_steady_step_time_leaves_out_the_prefill_and_the_first_steps():
     # train lines of an H200 run: step 1 carries the 6 s n-gram prefill, so step_avg (513 ms) overstates the step
     curve = [(1, 6453), (10, 10428), (20, 14754), (40, 23522), (60, 32380), (80, 41078)]
     text = "\n".join(f"step:{s}/80 train_loss:3.0000 train_time:{t}ms step_avg:{t / s:.2f}ms" for s, t in curve)
-    run = devkit.parse_text(text, Path("run.txt"))
+    run = parse_text(text, Path("run.txt"))
     assert run.train_curve == [(s, float(t)) for s, t in curve] and run.step_avg_ms == 513.48
     assert run.steady_step_ms == pytest.approx((41078 - 14754) / 60)
-    assert devkit.parse_text(text.splitlines()[0], Path("run.txt")).steady_step_ms is None
+    assert parse_text(text.splitlines()[0], Path("run.txt")).steady_step_ms is None
 
 
 def test_parse_plain_run_scores_the_roundtrip(pkg, plain_run, tmp_path):
