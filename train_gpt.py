@@ -60,8 +60,7 @@ class Hyperparameters:
         # Data and run identity.
         self.data_path = os.environ.get("DATA_PATH", "./data/datasets/fineweb10B_sp8192")
         self.tokenizer_path = os.environ.get("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model")
-        self.run_id = os.environ.get("RUN_ID", "")
-        self.seed = int(os.environ.get("SEED", 1337))
+        self.run_id, self.seed = os.environ.get("RUN_ID", ""), int(os.environ.get("SEED", 1337))
         # Training length and batch.
         self.iterations = int(os.environ.get("ITERATIONS", 20000))
         self.max_wallclock_seconds = float(os.environ.get("MAX_WALLCLOCK_SECONDS", 600.0))
@@ -79,8 +78,7 @@ class Hyperparameters:
         self.vocab_size = int(os.environ.get("VOCAB_SIZE", 8192))
         self.num_layers = int(os.environ.get("NUM_LAYERS", 11))
         self.model_dim = int(os.environ.get("MODEL_DIM", 512))
-        self.num_heads = int(os.environ.get("NUM_HEADS", 8))
-        self.num_kv_heads = int(os.environ.get("NUM_KV_HEADS", 4))
+        self.num_heads, self.num_kv_heads = int(os.environ.get("NUM_HEADS", 8)), int(os.environ.get("NUM_KV_HEADS", 4))
         self.mlp_mult = int(os.environ.get("MLP_MULT", 4))
         self.rope_base = float(os.environ.get("ROPE_BASE", 10000.0))
         self.logit_softcap = float(os.environ.get("LOGIT_SOFTCAP", 30.0))
@@ -122,6 +120,7 @@ class Hyperparameters:
         self.ngram_min_count = int(os.environ.get("NGRAM_MIN_COUNT", 1))  # 1 suits smoothed experts (README)
         self.ngram_neural_floor = float(os.environ.get("NGRAM_NEURAL_FLOOR", 0.05))
         self.ngram_loss_weight = float(os.environ.get("NGRAM_LOSS_WEIGHT", 0.1))
+        self.ngram_train_stride = int(os.environ.get("NGRAM_TRAIN_STRIDE", 16))  # mixture loss on every N-th target
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
         # Absolute discount of the smoothed experts (bench/experts_bench.py: fitted 0.871 on the sample's first 20%).
         self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
@@ -132,8 +131,7 @@ class Hyperparameters:
         self.ngram_gate_eval_steps = int(os.environ.get("NGRAM_GATE_EVAL_STEPS", 16))
         self.ngram_gate_eval_lr = float(os.environ.get("NGRAM_GATE_EVAL_LR", 0.003))
         # Quantization + compression: per-row int matrices (embedding EMBED_BITS), GPTQ on training tokens, SDClip.
-        self.quant_bits = int(os.environ.get("QUANT_BITS", 6))
-        self.embed_bits = int(os.environ.get("EMBED_BITS", 7))
+        self.quant_bits, self.embed_bits = int(os.environ.get("QUANT_BITS", 6)), int(os.environ.get("EMBED_BITS", 7))
         self.gptq_calib_batches = int(os.environ.get("GPTQ_CALIB_BATCHES", 64))  # of TRAIN_BATCH_TOKENS / 8; 0 = RTN
         self.matrix_clip_sigmas = float(os.environ.get("MATRIX_CLIP_SIGMAS", 12.85))  # SDClip k; 0 = clip at abs max
         self.embed_clip_sigmas = float(os.environ.get("EMBED_CLIP_SIGMAS", 20.0))
@@ -144,8 +142,7 @@ class Hyperparameters:
         self.eval_stride = int(os.environ.get("EVAL_STRIDE", 64))
         self.eval_chunk_tokens = int(os.environ.get("EVAL_CHUNK_TOKENS", 32768))
         self.eval_artifact = os.environ.get("EVAL_ARTIFACT", "")
-        self.ttt = bool(int(os.environ.get("TTT", 1)))
-        self.ttt_epochs = int(os.environ.get("TTT_EPOCHS", 3))
+        self.ttt, self.ttt_epochs = bool(int(os.environ.get("TTT", 1))), int(os.environ.get("TTT_EPOCHS", 3))
         self.ttt_lr = float(os.environ.get("TTT_LR", 0.002))
         self.ttt_momentum = float(os.environ.get("TTT_MOMENTUM", 0.9))
         # Cosine decay of the TTT learning rate across chunks and a gradient-norm clip (PR #1493's recipe).
@@ -214,6 +211,8 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
     need(0.0 <= args.ngram_neural_floor <= 1.0, f"NGRAM_NEURAL_FLOOR={args.ngram_neural_floor} must be in [0, 1]")
     need(0.0 < args.ngram_discount <= 1.0, f"NGRAM_DISCOUNT={args.ngram_discount} must be in (0, 1]")
     need(args.ngram_doc_order >= 0 and args.ngram_doc_prior > 0, "NGRAM_DOC_ORDER >= 0 and NGRAM_DOC_PRIOR > 0")
+    need(1 <= args.ngram_train_stride <= args.train_batch_tokens // MICRO_BATCHES_PER_STEP,
+         f"NGRAM_TRAIN_STRIDE={args.ngram_train_stride} must be in [1, TRAIN_BATCH_TOKENS / {MICRO_BATCHES_PER_STEP}]")
     need(args.logit_softcap > 0, f"LOGIT_SOFTCAP={args.logit_softcap} must be positive")
     need(args.iterations >= 0 and args.warmup_steps >= 0, "ITERATIONS and WARMUP_STEPS must be >= 0")
 
@@ -612,6 +611,7 @@ class GPT(nn.Module):
         num_layers, model_dim, num_experts = args.num_layers, args.model_dim, args.ngram_experts
         self.logit_softcap = args.logit_softcap
         self.neural_floor, self.mixture_loss_weight = args.ngram_neural_floor, args.ngram_loss_weight
+        self.mixture_rows = slice(args.ngram_train_stride - 1, None, args.ngram_train_stride)  # build_trainer's lookup
         self.tok_emb = nn.Embedding(args.vocab_size, model_dim)
         self.blocks = nn.ModuleList(Block(args, i) for i in range(num_layers))
         self.smear = SmearGate(args.gate_window) if args.smear_gate_enabled else None
@@ -689,14 +689,15 @@ class GPT(nn.Module):
                 expert_valid: Tensor | None = None, expert_features: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """Training loss = neural CE + weight x mixture NLL. Returns (loss, neural CE, mixture NLL);
-        expert_probs / expert_valid are [K, B*T] and expert_features [B*T, F] for the targets (expert_inputs),
-        from n-gram counts that exclude the targets and everything after them."""
+        expert_probs / expert_valid are [K, P] and expert_features [P, F] for the targets of mixture_rows (every
+        NGRAM_TRAIN_STRIDE-th of the B*T), from n-gram counts that exclude them and everything after them."""
         h = self.hidden(input_ids).reshape(-1, self.tok_emb.embedding_dim)
         # One log_softmax serves the CE and the mixture.
         neural_lp = self.logits(h).log_softmax(-1).gather(1, target_ids.reshape(-1, 1)).squeeze(1)
         ce = -neural_lp.mean()
         if expert_probs is None:
             return ce, ce.detach(), ce.detach()
+        h, neural_lp = h[self.mixture_rows], neural_lp[self.mixture_rows]
         weights = mixture_weights(self.gate_logits(h, expert_features), expert_valid, self.neural_floor)
         mix_nll = -mixture_logprob(neural_lp, expert_probs, expert_valid, weights).mean()
         return ce + self.mixture_loss_weight * mix_nll, ce.detach(), mix_nll.detach()
@@ -1227,8 +1228,7 @@ def start_run(args: Hyperparameters) -> Run:
             raise FileExistsError(f"{path} exists: set another RUN_ID so earlier runs are kept")
     if distributed:
         dist.barrier()
-    if rank == 0:
-        log_path.parent.mkdir(exist_ok=True)
+    log_path.parent.mkdir(exist_ok=True)
     code_files = [Path(__file__).resolve(), Path(ngram_mixer.__file__).resolve()]
     code = [f.read_bytes() for f in code_files]
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
@@ -1269,7 +1269,7 @@ class Trainer:
     loader: DistributedTokenLoader
     tables: NgramTables | None
     prefill_tokens: int
-    lookup_positions: Tensor  # [8 * local_tokens] segment positions of the step's targets, micro-batch order
+    lookup_positions: Tensor  # segment positions of the step's mixture targets (build_trainer), micro-batch order
     ema: EMA | None  # the exponential moving average of the weights, which is exported
 
 
@@ -1286,12 +1286,13 @@ def train_step(run: Run, trainer: Trainer) -> Tensor:
         experts = expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
                                 in_table=table_mask(trainer.tables.orders, stream_positions, trainer.prefill_tokens),
                                 discount=args.ngram_discount, document=args.document_cache(run.bos_id))
-    local_tokens, n_micro = loader.span - 1, len(loader.span_starts)
-    for micro_step, start in enumerate(loader.span_starts):
+    n_micro = len(loader.span_starts)
+    # each micro-batch's share of the lookup: probs, valid [K, P / n_micro] and features [P / n_micro, F]
+    per_micro = zip(experts[0].chunk(n_micro, 1), experts[1].chunk(n_micro, 1), experts[2].chunk(n_micro)) \
+        if experts else [()] * n_micro
+    for micro_step, (start, micro_experts) in enumerate(zip(loader.span_starts, per_micro)):
         local = segment[start:start + loader.span]
         x, y = local[:-1].reshape(-1, args.train_seq_len), local[1:].reshape(-1, args.train_seq_len)
-        micro = slice(micro_step * local_tokens, (micro_step + 1) * local_tokens)
-        micro_experts = (experts[0][:, micro], experts[1][:, micro], experts[2][micro]) if experts else ()
         if run.distributed:
             trainer.model.require_backward_grad_sync = micro_step == n_micro - 1
         with run.autocast():
@@ -1331,9 +1332,11 @@ def build_trainer(run: Run, train_files: list[Path]) -> Trainer:
                 broadcast_buffers=False) if run.distributed else compiled
     local_tokens = args.train_batch_tokens // MICRO_BATCHES_PER_STEP
     loader = DistributedTokenLoader(train_files, run.rank, run.world_size, run.device, args.vocab_size, local_tokens)
-    # One n-gram lookup per step for all micro-batches: the targets are positions 1..local_tokens of each span.
+    # One n-gram lookup per step for all micro-batches: the targets are positions 1..local_tokens of each span, every
+    # NGRAM_TRAIN_STRIDE-th (GPT.mixture_rows).
+    stride = args.ngram_train_stride
     lookup_positions = (torch.tensor(loader.span_starts, device=run.device)[:, None] +
-                        torch.arange(1, local_tokens + 1, device=run.device)).reshape(-1)
+                        torch.arange(stride, local_tokens + 1, stride, device=run.device)).reshape(-1)
     ema = EMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
     return Trainer(model, base_model, build_optimizers(args, base_model), loader, tables, prefill_tokens,
                    lookup_positions, ema)
@@ -1440,8 +1443,7 @@ def evaluate_artifact(run: Run, path: Path) -> None:
     """Score the artifact as submitted: its size against the cap, the reloaded model alone (sliding windows), then
     with the n-gram cache and TTT (score-then-update) under the legality audit; EVAL_DUMP writes the final pass."""
     args = run.args
-    model_bytes = path.stat().st_size
-    quant = artifact_label(load_artifact(path))
+    model_bytes, quant = path.stat().st_size, artifact_label(load_artifact(path))
     run.log(f"Serialized model {quant}: {model_bytes} bytes")
     run.log(f"Code size: {run.code_bytes} bytes")
     run.log(f"Total submission size {quant}: {run.code_bytes + model_bytes} bytes")
@@ -1461,10 +1463,9 @@ def evaluate_artifact(run: Run, path: Path) -> None:
     if final_pass:
         roundtrip_ms = result.time_ms["total"]
         # A fresh cache: the training-time tables are never consulted at evaluation.
-        cache = audit = None
-        if args.ngram_orders:
-            cache = NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=run.device)
-            audit = LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device)
+        cache = NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=run.device) if args.ngram_orders else None
+        audit = LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device) \
+            if args.ngram_orders else None
         ttt = TTTConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
                         args.ttt_grad_clip, args.ngram_gate_eval_steps, args.ngram_gate_eval_lr)
         result = eval_ngram_ttt(setup, chunk_bounds(len(run.val_tokens), args.eval_chunk_tokens), cache, ttt,
@@ -1475,8 +1476,7 @@ def evaluate_artifact(run: Run, path: Path) -> None:
                 run.log("LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1, does not match its score, "
                         "or depends on later tokens")
                 sys.exit(4)
-        times = dict(roundtrip=roundtrip_ms, **result.time_ms)
-        times["total"] += roundtrip_ms
+        times = {"roundtrip": roundtrip_ms, **result.time_ms, "total": result.time_ms["total"] + roundtrip_ms}
         run.log("eval_time " + " ".join(f"{k}:{v:.0f}ms" for k, v in times.items()))
         run.log(f"final_ngram_ttt val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
                 f"neural_val_loss:{result.neural_val_loss:.4f}")

@@ -9,7 +9,9 @@ np.searchsorted), whose arrays and counts must equal ours. With --device cuda al
 Triton kernel and the torch path (median of triton.testing.do_bench), which must agree exactly.
 On either device: expert_inputs for one evaluation batch (4,096 and 65,536 targets; on CUDA also 1M), the
 table experts alone against the same plus the document cache (DocumentCache, orders 1-4), side by side; on CUDA
-their outputs must equal the CPU's.
+their outputs must equal the CPU's. Then one training step's expert_inputs at NGRAM_TRAIN_STRIDE 1, 4 and 16 (CPU:
+configs/sample_cpu.env's step; CUDA: the 1-GPU trainer bench's step, and one rank's share on 8 GPUs).
+The reference column is numpy's figure, or the first of a side-by-side (tables alone; stride 1).
 """
 import argparse
 import sys
@@ -227,6 +229,36 @@ def bench_expert_inputs(device, rows):
                      t_both * 1e3, t_tables * 1e3))
 
 
+def bench_training_lookup(device, rows, local_tokens, world_size=1, strides=(1, 4, 16)):
+    """Wall time of one training step's expert_inputs on rank 0 (train_gpt.train_step's call: frozen tables of a
+    1M-token prefill that holds the segment, leave-future-out, the document cache). The segment is 8 micro-batches
+    of local_tokens targets; rank 0 of world_size looks up its 8 / world_size of them, every stride-th
+    (NGRAM_TRAIN_STRIDE): the mixer's step overhead and what the stride saves."""
+    import train_gpt
+
+    args = train_gpt.Hyperparameters()
+    stream = torch.from_numpy(load_tokens(1_000_000)).to(device)
+    tables = nm.NgramTables(VOCAB, (1,) + args.ngram_orders, device=device)
+    tables.extend(stream)
+    span = local_tokens + 1
+    segment_start = 100_000
+    segment = stream[segment_start:segment_start + 8 * span]
+    in_table = nm.table_mask(tables.orders, torch.arange(segment_start, segment_start + len(segment), device=device),
+                             len(stream))
+    calls = []
+    for stride in strides:
+        positions = (torch.arange(0, 8, world_size, device=device)[:, None] * span +
+                     torch.arange(stride, local_tokens + 1, stride, device=device)).reshape(-1)
+        calls.append(lambda positions=positions: nm.expert_inputs(
+            tables, segment, positions, args.ngram_min_count, in_table=in_table, discount=args.ngram_discount,
+            document=args.document_cache(bos_id=1)))
+    times, _ = race(calls, device)
+    for stride, seconds in zip(strides, times):
+        name = f"{device.type} train step expert_inputs, {8 // world_size} x {local_tokens:,}, stride {stride}, ms"
+        rows.append((name,
+                     seconds * 1e3, times[0] * 1e3 if stride > 1 else None))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -237,12 +269,16 @@ def main():
     rows = []
     bench_cpu(args.tokens, rows)
     bench_expert_inputs(torch.device("cpu"), rows)
+    bench_training_lookup(torch.device("cpu"), rows, 1024)  # configs/sample_cpu.env's step
     if args.device == "cuda":
         bench_cuda(rows)
         bench_expert_inputs(torch.device("cuda"), rows)
-    print(f"\n{'figure':66s} {'ours':>14s} {'numpy ref':>14s} {'ours/ref':>9s}")
+        # a step of the 1-GPU trainer bench (8 micro-batches), and one rank's of the same batch on 8 GPUs
+        bench_training_lookup(torch.device("cuda"), rows, 65536)
+        bench_training_lookup(torch.device("cuda"), rows, 65536, world_size=8)
+    print(f"\n{'figure':66s} {'ours':>14s} {'reference':>14s} {'ours/ref':>9s}")
     for name, ours, ref in rows:
-        ratio = f"{ours / ref:9.2f}" if ref is not None and ("/s" in name or "|" in name) else ""
+        ratio = f"{ours / ref:9.2f}" if ref is not None and ("/s" in name or "|" in name or "stride" in name) else ""
         ref_text = f"{ref:14,.2f}" if ref is not None else ""
         print(f"{name:66s} {ours:14,.2f} {ref_text:>14s} {ratio}")
 

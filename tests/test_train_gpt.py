@@ -2,8 +2,10 @@
 
 Run:  python -m pytest -q tests/test_train_gpt.py
 """
+import contextlib
 import math
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ def tiny_model(num_experts=0, seed=0, document_order=0):
                       mlp_mult=2, qk_gain_init=1.5, tied_embed_init_std=0.05)
     args.ngram, args.ngram_max_order = num_experts > 0, 1 + max(num_experts, 1)
     args.ngram_doc_order = document_order
+    args.ngram_train_stride = 1  # the tests that train it pass experts for every target
     return tg.GPT(args)
 
 
@@ -222,6 +225,30 @@ def test_end_to_end_run_logs_scores_and_artifact_reloads(tmp_path):
     for prefix in ("final_int8_zstd_roundtrip_exact", "final_ngram_ttt_exact"):
         assert [ln for ln in log.splitlines() if ln.startswith(prefix)] == \
             [ln for ln in log2.splitlines() if ln.startswith(prefix)]
+
+
+@pytest.mark.parametrize("stride, rank, world_size", [(1, 0, 1), (3, 0, 1), (5, 1, 2)])
+def test_mixture_loss_reads_the_targets_its_lookup_scored(monkeypatch, stride, rank, world_size):
+    """NGRAM_TRAIN_STRIDE: the step's one lookup (build_trainer's lookup_positions) and the rows the mixture loss
+    reads (GPT.mixture_rows) name the same targets, every stride-th of each micro-batch, in micro-batch order."""
+    for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="3", NGRAM_TRAIN_STRIDE=str(stride)).items():
+        monkeypatch.setenv(name, value)
+    args = tg.Hyperparameters()
+    run = SimpleNamespace(args=args, device=torch.device("cpu"), rank=rank, world_size=world_size, distributed=False,
+                          compile_model=False, bos_id=1, autocast=contextlib.nullcontext)
+    trainer = tg.build_trainer(run, tg.list_shards(args.data_path, "train"))
+    segment, _ = trainer.loader.next_step()
+    local_tokens = trainer.loader.span - 1
+    lookups = trainer.lookup_positions.chunk(len(trainer.loader.span_starts))
+    assert len(lookups) == 8 // world_size
+    for start, looked_up in zip(trainer.loader.span_starts, lookups):
+        targets = segment[start + 1:start + 1 + local_tokens]
+        assert len(looked_up) == local_tokens // stride
+        assert torch.equal(segment[looked_up], targets[trainer.base_model.mixture_rows])
+    # a step runs on the subset: finite losses, and the mixture's NLL is not the neural CE's
+    loss, ce, mix_nll = tg.train_step(run, trainer).tolist()
+    assert all(math.isfinite(v) for v in (loss, ce, mix_nll)) and mix_nll < ce
+    assert loss == pytest.approx(ce + args.ngram_loss_weight * mix_nll, rel=1e-5)
 
 
 def test_two_processes_match_one_process(tmp_path):
