@@ -800,6 +800,51 @@ def table_mask(orders: tuple[int, ...], stream_positions: torch.Tensor, prefill_
     return (stream_positions < prefill_tokens)[None, :] & (stream_positions[None, :] >= order - 1)
 
 
+class LookupPrefetch:
+    """The next training step's lookup (its segment and expert_inputs), made while the device still runs this step.
+
+    On CUDA the lookup is launch-bound: ~1,000 small ops and a few syncs, a latency that the step would otherwise
+    wait out. ahead(make) runs make() on a side stream right after the step's passes are queued, so those launches
+    and syncs (which wait for the side stream only) overlap the model's kernels; take(make) hands the result to
+    the default stream, or makes it now if nothing was prepared (the first step, after reset()). make() may read
+    only tensors that the default stream has finished writing (the side stream does not wait for it, or it would
+    wait for the step). On CPU make() runs inline: the same values, computed one step earlier."""
+
+    def __init__(self, device):
+        self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self.ready = None
+
+    def ahead(self, make) -> None:
+        with torch.cuda.stream(self.stream):  # None (CPU): no stream switch
+            self.ready = make()
+
+    def take(self, make):
+        if self.ready is None:
+            self.ahead(make)
+        value, self.ready = self.ready, None
+        if self.stream is not None:
+            # the default stream waits for the side stream's work, and the caching allocator keeps the tensors
+            # made there until the default stream's uses of them are done
+            current = torch.cuda.current_stream()
+            current.wait_stream(self.stream)
+            for tensor in _tensors(value):
+                tensor.record_stream(current)
+        return value
+
+    def reset(self) -> None:
+        """Drop what was prepared (the data stream it came from was rewound)."""
+        self.ready = None
+
+
+def _tensors(value):
+    # every tensor in nested tuples / lists
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
 def mixture_weights(gate_logits: torch.Tensor, expert_valid: torch.Tensor, neural_floor: float) -> torch.Tensor:
     """Mixing weights float32 (float64 for float64 gate logits) [P, 1+K], column 0 neural, rows summing to 1.
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import (DocumentCache, LegalityAudit, NgramTables, OnlineGate, audit_fails, audit_line,
+from ngram_mixer import (DocumentCache, LegalityAudit, LookupPrefetch, NgramTables, OnlineGate, audit_fails, audit_line,
                          expert_feature_count, expert_inputs, mixture_logprob, mixture_weights, table_mask)
 
 # ----------------------------- HYPERPARAMETERS -----------------------------
@@ -76,8 +76,7 @@ class Hyperparameters:
         self.compile = bool(int(os.environ.get("COMPILE", 1)))
         # Model shape.
         self.vocab_size = int(os.environ.get("VOCAB_SIZE", 8192))
-        self.num_layers = int(os.environ.get("NUM_LAYERS", 11))
-        self.model_dim = int(os.environ.get("MODEL_DIM", 512))
+        self.num_layers, self.model_dim = int(os.environ.get("NUM_LAYERS", 11)), int(os.environ.get("MODEL_DIM", 512))
         self.num_heads, self.num_kv_heads = int(os.environ.get("NUM_HEADS", 8)), int(os.environ.get("NUM_KV_HEADS", 4))
         self.mlp_mult = int(os.environ.get("MLP_MULT", 4))
         self.rope_base = float(os.environ.get("ROPE_BASE", 10000.0))
@@ -299,8 +298,7 @@ def build_optimizers(args: Hyperparameters, model: GPT) -> list[torch.optim.Opti
     scalar_params = [p for p in model.parameters() if id(p) not in others]
     adam_groups = [dict(params=[model.tok_emb.weight], lr=args.tied_embed_lr, weight_decay=args.embed_wd),
                    dict(params=scalar_params, lr=args.scalar_lr, weight_decay=0.0)]
-    if gate_params:
-        adam_groups.append(dict(params=gate_params, lr=args.ngram_gate_lr, weight_decay=0.0))
+    adam_groups += [dict(params=gate_params, lr=args.ngram_gate_lr, weight_decay=0.0)] if gate_params else []
     optimizers = [torch.optim.AdamW(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused),
                   Muon(matrix_params, lr=args.matrix_lr, momentum=args.muon_momentum,
                        backend_steps=args.muon_backend_steps, row_normalize=args.muon_row_normalize,
@@ -437,8 +435,7 @@ class DistributedTokenLoader:
 
 def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> Tensor:
     tokens = torch.cat([load_data_shard(f, vocab_size) for f in list_shards(data_path, "val")])
-    if max_tokens > 0:
-        tokens = tokens[:max_tokens]
+    tokens = tokens[:max_tokens] if max_tokens > 0 else tokens
     if len(tokens) < 2:
         raise ValueError(f"validation split under DATA_PATH={data_path} has {len(tokens)} tokens; need >= 2")
     return tokens.long()
@@ -504,9 +501,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         dim, num_heads, num_kv_heads = args.model_dim, args.num_heads, args.num_kv_heads
         self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, dim // num_heads, xsa
-        kv_dim = num_kv_heads * self.head_dim
         self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k, self.c_v = (nn.Linear(dim, kv_dim, bias=False) for _ in range(2))
+        self.c_k, self.c_v = (nn.Linear(dim, num_kv_heads * self.head_dim, bias=False) for _ in range(2))
         self.proj = nn.Linear(dim, dim, bias=False)
         self.proj.zero_init = True
         # A learned per-head temperature on the normalized queries (baseline's q_gain).
@@ -776,8 +772,7 @@ class TargetRecord:
     """Per-target results of one pass, in val order (index t - 1): full-system NLL, neural NLL, mixing weights."""
 
     def __init__(self, n_targets: int, n_weights: int, device: torch.device):
-        self.nll = torch.zeros(n_targets, dtype=torch.float64, device=device)
-        self.neural_nll = torch.zeros_like(self.nll)
+        self.nll, self.neural_nll = (torch.zeros(n_targets, dtype=torch.float64, device=device) for _ in range(2))
         self.weights = torch.zeros(n_targets, n_weights, dtype=torch.float32, device=device)
 
     def store(self, positions: Tensor, neural_lp: Tensor, mixed_lp: Tensor, weights: Tensor | None) -> None:
@@ -803,8 +798,7 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
             raise RuntimeError(f"causality violated: scoring targets from {first} after {learner} learned from "
                                f"targets up to {until - 1}")
     start, lo, hi = (t.to(device) for t in window_schedule(first, end, setup.seq_len, setup.stride))
-    n = len(start)
-    share = slice(n * setup.rank // setup.world_size, n * (setup.rank + 1) // setup.world_size)
+    share = slice(len(start) * setup.rank // setup.world_size, len(start) * (setup.rank + 1) // setup.world_size)
     start, lo, hi = start[share], lo[share], hi[share]
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for i in range(0, len(start), setup.windows_per_batch):
@@ -1213,8 +1207,7 @@ def start_run(args: Hyperparameters) -> Run:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's TF32 is on by default
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     # Every rank must agree on the run id: it names the artifact they all reload.
@@ -1271,21 +1264,27 @@ class Trainer:
     prefill_tokens: int
     lookup_positions: Tensor  # segment positions of the step's mixture targets (build_trainer), micro-batch order
     ema: EMA | None  # the exponential moving average of the weights, which is exported
+    prefetch: LookupPrefetch  # the next step's batch, made while the device runs this one
+
+
+def next_batch(run: Run, trainer: Trainer) -> tuple[Tensor, tuple]:
+    """The next step's segment, and the expert inputs of its mixture targets (empty without the mixer)."""
+    args, loader, tables = run.args, trainer.loader, trainer.tables
+    segment, segment_position = loader.next_step()
+    if tables is None:
+        return segment, ()
+    # the segment's n-grams the frozen tables hold leave from t on; the others join before t (expert_inputs)
+    stream_index = (segment_position + torch.arange(len(segment), device=segment.device)) % loader.stream.total_tokens
+    return segment, expert_inputs(tables, segment, trainer.lookup_positions, args.ngram_min_count,
+                                  in_table=table_mask(tables.orders, stream_index, trainer.prefill_tokens),
+                                  discount=args.ngram_discount, document=args.document_cache(run.bos_id))
 
 
 def train_step(run: Run, trainer: Trainer) -> Tensor:
     """One optimizer step's forward/backward over this rank's micro-batches; returns mean [loss, CE, mix NLL]."""
     args, loader = run.args, trainer.loader
     stats = torch.zeros(3, device=run.device)
-    segment, segment_position = loader.next_step()
-    experts = None
-    if trainer.tables is not None:
-        # the segment's n-grams the frozen tables hold leave from t on; the others join before t (expert_inputs)
-        stream_positions = (segment_position + torch.arange(len(segment), device=segment.device)) % \
-            loader.stream.total_tokens
-        experts = expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
-                                in_table=table_mask(trainer.tables.orders, stream_positions, trainer.prefill_tokens),
-                                discount=args.ngram_discount, document=args.document_cache(run.bos_id))
+    segment, experts = trainer.prefetch.take(lambda: next_batch(run, trainer))
     n_micro = len(loader.span_starts)
     # each micro-batch's share of the lookup: probs, valid [K, P / n_micro] and features [P / n_micro, F]
     per_micro = zip(experts[0].chunk(n_micro, 1), experts[1].chunk(n_micro, 1), experts[2].chunk(n_micro)) \
@@ -1300,6 +1299,7 @@ def train_step(run: Run, trainer: Trainer) -> Tensor:
         # Averaging over micro-batches (and DDP over ranks) gives the gradient of the global batch mean.
         (loss / n_micro).backward()
         stats += torch.stack((loss.detach(), ce, mix_nll)).float() / n_micro
+    trainer.prefetch.ahead(lambda: next_batch(run, trainer))  # while the device works through the passes queued
     return stats
 
 
@@ -1334,12 +1334,11 @@ def build_trainer(run: Run, train_files: list[Path]) -> Trainer:
     loader = DistributedTokenLoader(train_files, run.rank, run.world_size, run.device, args.vocab_size, local_tokens)
     # One n-gram lookup per step for all micro-batches: the targets are positions 1..local_tokens of each span, every
     # NGRAM_TRAIN_STRIDE-th (GPT.mixture_rows).
-    stride = args.ngram_train_stride
-    lookup_positions = (torch.tensor(loader.span_starts, device=run.device)[:, None] +
-                        torch.arange(stride, local_tokens + 1, stride, device=run.device)).reshape(-1)
+    lookup_positions = (torch.tensor(loader.span_starts, device=run.device)[:, None] + torch.arange(
+        args.ngram_train_stride, local_tokens + 1, args.ngram_train_stride, device=run.device)).reshape(-1)
     ema = EMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
     return Trainer(model, base_model, build_optimizers(args, base_model), loader, tables, prefill_tokens,
-                   lookup_positions, ema)
+                   lookup_positions, ema, LookupPrefetch(run.device))
 
 
 def warm_up(run: Run, trainer: Trainer, train_files: list[Path]) -> None:
@@ -1362,6 +1361,7 @@ def warm_up(run: Run, trainer: Trainer, train_files: list[Path]) -> None:
         opt.load_state_dict(state)
     trainer.loader = DistributedTokenLoader(train_files, run.rank, run.world_size, run.device, run.args.vocab_size,
                                             trainer.loader.span - 1)
+    trainer.prefetch.reset()  # it was made from the warm-up's stream
 
 
 def train_model(run: Run) -> Trainer:

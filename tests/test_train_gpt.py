@@ -4,6 +4,7 @@ Run:  python -m pytest -q tests/test_train_gpt.py
 """
 import contextlib
 import math
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -265,6 +266,62 @@ def test_two_processes_match_one_process(tmp_path):
     assert log_value(log1, "final_ngram_ttt_exact", "val_loss") == pytest.approx(
         log_value(log2, "final_ngram_ttt_exact", "val_loss"), abs=1e-4)
     assert log_value(log1, "scored_tokens", "scored_bytes") == log_value(log2, "scored_tokens", "scored_bytes")
+
+
+def test_warmup_steps_leave_the_run_as_without_them(tmp_path):
+    """Warm-up restores the weights, the optimizers and the data stream, and drops the lookup it prepared from
+    the warm-up stream (LookupPrefetch.reset): the logged losses equal a run without warm-up, digit for digit."""
+    settings = dict(NGRAM="1", TTT="0", ITERATIONS="4", VAL_LOSS_EVERY="2")
+    runs = [run_trainer(tmp_path, RUN_ID=f"warmup{n}", WARMUP_STEPS=str(n), **settings) for n in (0, 2)]
+    for proc, _ in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    without, with_warmup = ([re.sub(r"(train_time|step_avg|eval_time):\S+", "", ln) for ln in log.splitlines()
+                             if ln.startswith(("step:", "final_"))] for _, log in runs)
+    assert len(without) >= 7 and without == with_warmup
+
+
+def test_lookup_prefetch_returns_what_make_gives_once():
+    calls = []
+
+    def make():
+        calls.append(len(calls))
+        return torch.tensor([len(calls)]), (torch.zeros(2), ())
+
+    prefetch = tg.LookupPrefetch(torch.device("cpu"))
+    first = prefetch.take(make)  # nothing prepared: made now
+    prefetch.ahead(make)
+    second = prefetch.take(make)  # the prepared one, not a new call
+    prefetch.ahead(make)
+    prefetch.reset()
+    third = prefetch.take(make)  # dropped, so made again
+    assert [int(v[0]) for v in (first, second, third)] == [1, 2, 4] and len(calls) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lookup_prefetch_on_a_side_stream_matches_inline():
+    """On CUDA the prepared lookup runs on a side stream while the default stream is busy; its values must equal
+    the same lookup made inline."""
+    device = torch.device("cuda")
+    tokens = tg.load_data_shard(SAMPLE_VAL_SHARD, 1024).long()[:200_000].to(device)
+    tables = tg.NgramTables(1024, (1, 2, 3, 4, 5, 6, 7), device=device)
+    tables.extend(tokens)  # the tables hold the segment: leave-future-out
+    positions = torch.arange(150_001, 190_000, 16, device=device)
+    in_table = tg.table_mask(tables.orders, torch.arange(150_000, 200_000, device=device), 200_000)
+    segment = tokens[150_000:]
+
+    def make():
+        return tg.expert_inputs(tables, segment, positions - 150_000, 1, in_table=in_table, discount=0.87)
+
+    expect = make()
+    prefetch = tg.LookupPrefetch(device)
+    busy = torch.randn(4096, 4096, device=device)
+    for _ in range(3):
+        for _ in range(20):  # keep the default stream busy while the side stream works
+            busy = torch.tanh(busy @ busy)
+        prefetch.ahead(make)
+        got = prefetch.take(make)
+        for a, b in zip(got, expect):
+            assert torch.equal(a, b)
 
 
 def test_wallclock_cap_stops_training(tmp_path):
