@@ -254,7 +254,7 @@ def bench_training_lookup(device, rows, local_tokens, world_size=1, strides=(1, 
             document=args.document_cache(bos_id=1)))
     times, _ = race(calls, device)
     for stride, seconds in zip(strides, times):
-        name = f"{device.type} train step expert_inputs, {8 // world_size} x {local_tokens:,}, stride {stride}, ms"
+        name = f"{device.type} train expert_inputs, {8 // world_size} x {local_tokens:,}, stride {stride}, ms"
         rows.append((name, seconds * 1e3, times[0] * 1e3 if stride > 1 else None))
 
 

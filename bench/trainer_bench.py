@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="train steps (default: 200 on GPU, 30 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per setting (default: 1 on GPU, 2 on CPU)")
-    parser.add_argument("--strides", default="1,16", help="NGRAM_TRAIN_STRIDE settings beside the default's")
+    parser.add_argument("--strides", default="1", help="NGRAM_TRAIN_STRIDE settings beside the default's (16)")
     args = parser.parse_args()
     strides = [n for n in args.strides.split(",") if n]
     sample = dict(DATA_PATH=str(SAMPLE_SHARDS), TOKENIZER_PATH=str(SAMPLE_TOKENIZER))
