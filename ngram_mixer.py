@@ -200,59 +200,65 @@ def _as_ids(x, name, limit, device):
     return x
 
 
-def _stable_argsort(x):
-    """Indices [N] int64 that sort x ([N] int64) with ties kept in their original order."""
+def _sorted(x):
+    """x ([N] int64, the caller's temporary) sorted ascending; on CPU in place."""
     if x.device.type == "cpu":
-        # numpy's radix sort for int64 (kind="stable") is several times faster than torch's stable sort on CPU
-        return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
-    return torch.sort(x, stable=True).indices
+        # numpy's sort is ~2x faster than torch.sort on CPU (see _unique_counts)
+        x.numpy().sort()
+        return x
+    return torch.sort(x).values
+
+
+def _drops_masked(device):
+    """Whether masked-out entries are dropped (True) or kept as neutral entries that count for nothing. On CPU,
+    dropping them makes the sorts smaller. On CUDA it would cost a device sync (boolean-mask indexing calls
+    nonzero), and the GPU lookup is bound by its syncs and launches, not by its work. Both give the same counts
+    (tests/test_experts.py runs the counting tests both ways)."""
+    return device.type == "cpu"
 
 
 def _row_dense_ids(pair_keys, vocab_size):
     """Dense ids of n-grams given as pair keys [K, N] int64 (context key * V + token, row k one order): pair ids
-    [K, N], equal iff the same row holds the same key, in [0, U) (rows share no id), U, and context ids [K, N],
-    equal iff the same row holds the same context. One sort serves both: pair keys sort by context first."""
+    [K, N], equal iff the same row holds the same key, and context ids [K, N], equal iff the same row holds the
+    same context; both in [0, K * N), rows share no id. One sort serves both: pair keys sort by context first.
+    The ids are bounded by K * N rather than by their count, which would cost a device sync to read."""
     sorted_keys, order = torch.sort(pair_keys, dim=1)
     ids = []
     for keys in (sorted_keys, sorted_keys.div(vocab_size, rounding_mode="floor")):
         new = torch.ones_like(keys, dtype=torch.bool)
         new[:, 1:] = keys[:, 1:] != keys[:, :-1]
         ids.append(torch.empty_like(keys).scatter_(1, order, new.reshape(-1).cumsum(0).view(keys.shape) - 1))
-    return ids[0], int(ids[0].max()) + 1 if ids[0].numel() else 0, ids[1]
+    return ids[0], ids[1]
 
 
 class _EarlierEqual:
-    """Counts of equal keys in a position range: #{events e : key_e == q and lo <= position_e < hi} per query q.
+    """Counts of equal ids in a position range: #{events e : id_e == q and lo <= position_e < hi} per query q.
 
-    Events are sorted by (key, position) once: a stable sort by key of events whose positions ascend per key. Within
-    a key's group the positions ascend, so a count is a binary search for each bound inside the group. The two-level
-    search is one searchsorted over comp = group_start * S + position (S > every bound), which is sorted: a
-    group's values lie in [group_start * S, group_start * S + S) and the next group starts at >= (start + 1) * S.
+    The events are sorted once by comp = id * S + position (S > every position and bound), so the events of one
+    id lie in [id * S, id * S + S) in position order, and a count is two binary searches. Events where `keep` is
+    false count for nothing: dropped where _drops_masked, else moved to position `bound_limit`, which no range
+    reaches (hi <= bound_limit).
     """
 
-    def __init__(self, keys, positions, bound_limit):
-        # keys: [E] int64; positions: [E] int64, < bound_limit, ascending among the events of each key;
-        # bound_limit: int > every query bound
-        order = _stable_argsort(keys)
-        self.keys, self.scale = keys[order], bound_limit + 1
-        n = self.keys.numel()
-        new_group = torch.ones(n, dtype=torch.bool, device=keys.device)
-        new_group[1:] = self.keys[1:] != self.keys[:-1]
-        index = torch.arange(n, device=keys.device)
-        group_start = torch.cummax(torch.where(new_group, index, 0), 0).values if n else index
-        self.comp = group_start * self.scale + positions[order]
+    def __init__(self, ids, positions, bound_limit, id_limit, keep=None):
+        # ids: [..] int64 in [0, id_limit); positions: [..] int64 in [0, bound_limit); keep: None or bool [..];
+        # bound_limit: int >= every query bound
+        self.scale = bound_limit + 1
+        if id_limit * self.scale >= 1 << 62:
+            raise ValueError(f"{id_limit} ids x {self.scale} positions overflow the int64 sort key")
+        if keep is not None:
+            if _drops_masked(ids.device):
+                ids, positions = ids[keep], positions[keep]
+            else:
+                positions = torch.where(keep, positions, bound_limit)
+        self.comp = _sorted((ids * self.scale + positions).reshape(-1))
 
     def count_between(self, query, lo, hi):
-        """#{events with key == query and lo <= position < hi}: query [..] int64 keys, lo None (no lower bound) or
-        [..] int64, hi [..] int64, bounds in [0, bound_limit]. Returns int64 [..]."""
-        n = self.keys.numel()
-        if n == 0:
-            return torch.zeros_like(query)
-        group = _searchsorted(self.keys, query)  # where the query's key group starts, found or not
-        found = self.keys[group.clamp(max=n - 1)] == query
-        below_hi = _searchsorted(self.comp, group * self.scale + hi)
-        below_lo = group if lo is None else _searchsorted(self.comp, group * self.scale + lo)
-        return torch.where(found, below_hi - below_lo, 0)
+        """#{events with id == query and lo <= position < hi}: query [..] int64 ids, lo None (from 0) or [..]
+        int64, hi [..] int64, bounds in [0, bound_limit]. Returns int64 [..]."""
+        base = query * self.scale
+        below_lo = _searchsorted(self.comp, base if lo is None else base + lo)
+        return _searchsorted(self.comp, base + hi) - below_lo
 
 
 @dataclass
@@ -399,18 +405,17 @@ class NgramTables:
         targets = self._targets(stream, positions, targets)
         base = self._context_bases(stream, positions)
         context, pair, distinct, valid = self._table_counts(stream, positions, targets, base)
-        # events up to the last bound any query needs: the last target, where only earlier n-grams join
-        last_target = min(stream.numel(), int(positions.max()) if positions.numel() else 0)
         if in_table is None:
-            first, end = self.num_tokens if chunk_start is None else int(chunk_start), last_target
+            # events up to the last bound any query needs: the last target, where only earlier n-grams join
+            first = self.num_tokens if chunk_start is None else int(chunk_start)
+            end = min(stream.numel(), int(positions.max()) if positions.numel() else 0)
             if first < 0:
                 raise ValueError(f"chunk_start must be >= 0, got {first}")
         else:
             if in_table.shape != (len(self.orders), stream.numel()) or in_table.dtype != torch.bool:
                 raise ValueError(f"in_table must be bool [{len(self.orders)}, {stream.numel()}], "
                                  f"got {in_table.dtype} {tuple(in_table.shape)}")
-            # the table's own n-grams leave up to the stream's end; past the prefill (none held) that is moot
-            first, end = 0, stream.numel() if bool(in_table.any()) else last_target
+            first, end = 0, stream.numel()  # the table's own n-grams leave up to the stream's end
         if end <= first:
             return ExpertCounts(context, pair, distinct)
         event_pos = torch.arange(first, end, device=self.device)
@@ -419,34 +424,39 @@ class NgramTables:
         _, event_table_pair, _, live = self._table_counts(stream, event_pos, event_tokens, event_base)
         # All orders at once, a few large ops instead of a loop per order (on GPU the ops' launches, not their
         # work, bound this): flat over (order, event) and (order, query), with ids that are equal iff two n-grams
-        # have the same order and context (ctx_id) or the same order, context and token (pair_id).
+        # have the same order and context (ctx_id) or the same order, context and token (pair_id). Events that
+        # are not live (t < n-1) are masked by `keep`, not dropped, so that no step syncs the device.
         n_events, shape = event_pos.numel(), context.shape
-        pair_id, n_pairs, ctx_id = _row_dense_ids(torch.cat([event_base + event_tokens, base + targets], dim=1),
-                                                   self.vocab_size)
+        pair_id, ctx_id = _row_dense_ids(torch.cat([event_base + event_tokens, base + targets], dim=1),
+                                         self.vocab_size)
+        n_ids = pair_id.numel()
         query_ctx, query_pair = ctx_id[:, n_events:].reshape(-1), pair_id[:, n_events:].reshape(-1)
-        ctx_id, pair_id, table_pair = ctx_id[:, :n_events][live], pair_id[:, :n_events][live], event_table_pair[live]
-        pos = event_pos.expand_as(live)[live]
-        held = torch.zeros_like(live[live]) if in_table is None else in_table.to(self.device)[:, first:end][live]
+        ctx_id, pair_id = ctx_id[:, :n_events].reshape(-1), pair_id[:, :n_events].reshape(-1)
+        pos = event_pos.expand_as(live).reshape(-1)
+        held = torch.zeros_like(live) if in_table is None else in_table.to(self.device)[:, first:end]
+        added, own = (live & ~held).reshape(-1), (live & held).reshape(-1)
         bound = torch.where(valid, positions, 0).clamp(max=end).reshape(-1)
         later = torch.where(valid, end, 0).reshape(-1)
         context, pair, distinct = context.reshape(-1), pair.reshape(-1), distinct.reshape(-1)
-        # events outside the table join where q < t; the table's own leave where q >= t
-        added, own = ~held, held
-        for sign, keep, lo, hi in ((1, added, None, bound), (-1, own, bound, later)):
-            context += sign * _EarlierEqual(ctx_id[keep], pos[keep], end).count_between(query_ctx, lo, hi)
-            pair += sign * _EarlierEqual(pair_id[keep], pos[keep], end).count_between(query_pair, lo, hi)
+        # events outside the table join where q < t; the table's own leave where q >= t (in training only)
+        leaving = in_table is not None
+        for sign, keep, lo, hi in ((1, added, None, bound), (-1, own, bound, later))[:1 + leaving]:
+            context += sign * _EarlierEqual(ctx_id, pos, end, n_ids, keep).count_between(query_ctx, lo, hi)
+            pair += sign * _EarlierEqual(pair_id, pos, end, n_ids, keep).count_between(query_pair, lo, hi)
         # distinct continuations, per pair v of this stream, with T(v) its table count and first_added(v) /
         # first_own(v) the first position of each kind: v is seen at t iff T(v) > #own at >= t, or it was
         # added before t. It joins at first_added(v) + 1 when T(v) = 0; it leaves at first_own(v) + 1 when
         # all its table occurrences are own ones (counting back from the end), unless already added then.
-        never = torch.full((n_pairs,), end, dtype=torch.int64, device=self.device)
-        first_added = never.clone().scatter_reduce_(0, pair_id[added], pos[added], "amin")
-        first_own = never.clone().scatter_reduce_(0, pair_id[own], pos[own], "amin")
-        own_count = torch.zeros_like(never).index_add_(0, pair_id[own], torch.ones_like(pos[own]))
-        table_count = torch.zeros_like(never).scatter_(0, pair_id, table_pair)
-        overdrawn = own_count > table_count
-        if overdrawn.any():
-            k = int(torch.zeros_like(never).scatter_(0, pair_id, torch.nonzero(live)[:, 0])[overdrawn][0])
+        # Per-pair arrays are indexed by pair id; ids no live event has stay at their neutral values.
+        never = torch.full((n_ids,), end, dtype=torch.int64, device=self.device)
+        first_added = never.clone().scatter_reduce_(0, pair_id, torch.where(added, pos, end), "amin")
+        first_own = never.clone().scatter_reduce_(0, pair_id, torch.where(own, pos, end), "amin")
+        own_count = torch.zeros_like(never).index_add_(0, pair_id, own.long())
+        # every live event of a pair holds the same table count; amax ignores the 0 of events that are not live
+        table_count = torch.zeros_like(never).scatter_reduce_(0, pair_id, event_table_pair.reshape(-1), "amax")
+        overdrawn = (own_count > table_count)[pair_id].view(live.shape)  # per event, so its row names the order
+        if leaving and overdrawn.any():
+            k = int(overdrawn.any(dim=1).nonzero()[0, 0])
             raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
         group_ctx = torch.zeros_like(never).scatter_(0, pair_id, ctx_id)
         fresh = (table_count == 0) & (first_added < end)
@@ -454,11 +464,8 @@ class NgramTables:
         rejoin = vanishing & (first_added < first_own)
         terms = ((1, fresh, first_added, None, bound), (-1, vanishing, first_own, bound, later),
                  (1, rejoin, first_added, None, bound), (-1, rejoin, first_own, None, bound))
-        for sign, keep, at, lo, hi in terms:
-            # one entry per pair, put in position order as _EarlierEqual requires
-            by_position = _stable_argsort(at[keep])
-            entries = _EarlierEqual(group_ctx[keep][by_position], at[keep][by_position], end)
-            distinct += sign * entries.count_between(query_ctx, lo, hi)
+        for sign, keep, at, lo, hi in terms if leaving else terms[:1]:
+            distinct += sign * _EarlierEqual(group_ctx, at, end, n_ids, keep).count_between(query_ctx, lo, hi)
         return ExpertCounts(context.view(shape), pair.view(shape), distinct.view(shape))
 
     def _targets(self, stream, positions, targets):
@@ -630,7 +637,7 @@ def window_counts(stream: torch.Tensor, positions: torch.Tensor, starts: torch.T
     starts: [P] int64; targets: [P] int64 token ids. Reads stream[lo:t] and nothing at or after t.
     """
     orders = tuple(orders)
-    first, end = int(starts.min()), int(positions.max())
+    first, end = torch.stack((starts.min(), positions.max())).tolist()  # one device sync for both
     order_col = torch.tensor(orders, device=stream.device)[:, None]
 
     def bases(at):
@@ -644,11 +651,11 @@ def window_counts(stream: torch.Tensor, positions: torch.Tensor, starts: torch.T
     hi = torch.where(fits, positions, 0).clamp(min=first, max=end)
     # all orders at once, as in NgramTables.counts: ids equal iff same order and same context (or context + token)
     n_events = event_pos.numel()
-    pair_id, _, ctx_id = _row_dense_ids(torch.cat([event_base + event_tokens, query_base + targets], dim=1), vocab_size)
+    pair_id, ctx_id = _row_dense_ids(torch.cat([event_base + event_tokens, query_base + targets], dim=1), vocab_size)
     # events whose n-gram starts before the earliest window are never inside any window
     live = event_pos >= first + order_col - 1
-    pos, lo, hi = event_pos.expand_as(live)[live], lo.reshape(-1), hi.reshape(-1)
-    contexts, pairs = (_EarlierEqual(ids[:, :n_events][live], pos, end) for ids in (ctx_id, pair_id))
+    pos, lo, hi = event_pos.expand_as(live), lo.reshape(-1), hi.reshape(-1)
+    contexts, pairs = (_EarlierEqual(ids[:, :n_events], pos, end, ids.numel(), live) for ids in (ctx_id, pair_id))
     context = contexts.count_between(ctx_id[:, n_events:].reshape(-1), lo, hi)
     pair = pairs.count_between(pair_id[:, n_events:].reshape(-1), lo, hi)
     return context.view(query_base.shape), pair.view(query_base.shape)
@@ -681,8 +688,9 @@ class DocumentCache:
     def window_starts(self, stream: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """lo [P] int64: where each target's window starts (the last bos_id in stream[t-horizon:t], else
         t - horizon, clamped at 0). Reads only stream[t-horizon:t]."""
-        first = max(0, int(positions.min()) - self.horizon)
-        index = torch.arange(first, int(positions.max()), device=stream.device)
+        lowest, highest = torch.stack(torch.aminmax(positions)).tolist()  # one device sync for both
+        first = max(0, lowest - self.horizon)
+        index = torch.arange(first, highest, device=stream.device)
         last_bos = torch.cummax(torch.where(stream[index] == self.bos_id, index, -1), 0).values
         before = (positions - 1 - first).clamp(min=0)
         return torch.maximum(last_bos[before], positions - self.horizon).clamp(min=0)
@@ -803,9 +811,9 @@ def table_mask(orders: tuple[int, ...], stream_positions: torch.Tensor, prefill_
 class LookupPrefetch:
     """The next training step's lookup (its segment and expert_inputs), made while the device still runs this step.
 
-    On CUDA the lookup is launch-bound: ~540 small kernels and ~45 syncs (boolean-mask indexing, .item()) per
-    call, a latency that the step would otherwise wait out. ahead(make) runs make() on a side stream right after
-    the step's passes are queued, so those launches and syncs (which wait for the side stream only) overlap the
+    On CUDA the lookup is launch-bound: ~420 small kernels and 5 syncs (range checks, the document window's
+    bounds) per call, a latency that the step would otherwise wait out. ahead(make) runs make() on a side stream
+    right after the step's passes are queued, so those launches and syncs (which wait for the side stream only) overlap the
     model's kernels; take(make) hands the result to the default stream, or makes it now if nothing was prepared
     (the first step, after reset()). make() may read only tensors that the default stream has finished writing
     (the side stream does not wait for it, or it would wait for the step; the trainer's tables and positions are

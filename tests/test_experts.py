@@ -25,6 +25,15 @@ ORDERS = (1, 2, 3, 5, 7, 9)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(params=["dropped", "neutral"])
+def masked_entries(request, monkeypatch):
+    """Both ways of leaving out masked events, which must count alike: dropped (the CPU's way) and kept as neutral
+    entries (the CUDA way, which avoids device syncs; ngram_mixer._drops_masked)."""
+    if request.param == "neutral":
+        monkeypatch.setattr(nm, "_drops_masked", lambda device: False)
+    return request.param
+
+
 def repetitive_stream(vocab_size, length, seed):
     """Random tokens with copied spans, so long contexts recur inside one chunk and across chunks."""
     gen = torch.Generator().manual_seed(seed)
@@ -56,7 +65,7 @@ def as_tuples(counts, k, p):
 
 
 @pytest.mark.parametrize("vocab_size,cached", [(5, 0), (5, 700), (1024, 1500)])
-def test_counts_see_the_cache_and_the_chunks_earlier_tokens_only(sample_val_tokens, vocab_size, cached):
+def test_counts_see_the_cache_and_the_chunks_earlier_tokens_only(sample_val_tokens, vocab_size, cached, masked_entries):
     stream = repetitive_stream(vocab_size, 2400, seed=vocab_size) if vocab_size < 1024 else sample_val_tokens[:2400]
     tables = NgramTables(vocab_size, ORDERS)
     tables.extend(stream[:cached])
@@ -69,7 +78,7 @@ def test_counts_see_the_cache_and_the_chunks_earlier_tokens_only(sample_val_toke
     assert (counts.context[-1] > 0).any() and (counts.distinct <= counts.context).all()
 
 
-def test_chunked_counts_equal_one_whole_stream_call(sample_val_tokens):
+def test_chunked_counts_equal_one_whole_stream_call(sample_val_tokens, masked_entries):
     stream = sample_val_tokens[:30_000]
     whole = NgramTables(1024, ORDERS).counts(stream, torch.arange(1, stream.numel()), chunk_start=0)
     tables, parts = NgramTables(1024, ORDERS), []
@@ -117,7 +126,7 @@ def test_future_perturbation_changes_nothing(sample_val_tokens):
 
 
 @pytest.mark.parametrize("held", [(0, 800), (0, 500), (300, 800)])
-def test_training_view_is_the_table_without_later_ngrams_plus_earlier_ones(held):
+def test_training_view_is_the_table_without_later_ngrams_plus_earlier_ones(held, masked_entries):
     # the table holds stream[held[0]:held[1]] (the training stream's prefilled part); positions inside it see the
     # table minus the n-grams at or after t, positions outside see the table plus the stream's earlier n-grams
     stream = repetitive_stream(4, 800, seed=9)
@@ -140,7 +149,7 @@ def test_training_view_is_the_table_without_later_ngrams_plus_earlier_ones(held)
         tables.counts(stream, positions, in_table=in_table[:, :10])
 
 
-def test_training_view_past_the_prefill_is_the_table_plus_earlier_ngrams():
+def test_training_view_past_the_prefill_is_the_table_plus_earlier_ngrams(masked_entries):
     # nothing of this stream is in the table (training past the prefill): the counts stop at the last target
     stream = repetitive_stream(4, 800, seed=9)
     tables = NgramTables(4, ORDERS)
@@ -222,7 +231,7 @@ def reference_window(stream, t, bos_id, horizon):
 
 
 @pytest.mark.parametrize("horizon", [1, 7, 40, 8192])
-def test_document_counts_are_those_of_the_window_before_t(horizon):
+def test_document_counts_are_those_of_the_window_before_t(horizon, masked_entries):
     # a small vocabulary with id 0 as BOS opening documents of 1 to 150 tokens, repeats inside them
     stream = repetitive_stream(5, 600, seed=horizon) + 1
     stream[[0, 90, 91, 240, 390, 550]] = 0
@@ -285,10 +294,11 @@ def test_row_dense_ids_are_equal_exactly_for_the_same_order_and_ngram():
     gen = torch.Generator().manual_seed(5)
     vocab = 7
     pair_keys = torch.randint(0, 4 * vocab, (3, 50), generator=gen)  # many repeats, and the same keys in every row
-    pair_id, n_pairs, ctx_id = nm._row_dense_ids(pair_keys, vocab)
+    pair_id, ctx_id = nm._row_dense_ids(pair_keys, vocab)
     row = torch.arange(3)[:, None].expand_as(pair_keys)
     same_row = row.reshape(-1, 1) == row.reshape(1, -1)
     for ids, keys in ((pair_id, pair_keys), (ctx_id, pair_keys // vocab)):
         same_key = keys.reshape(-1, 1) == keys.reshape(1, -1)
         assert torch.equal(ids.reshape(-1, 1) == ids.reshape(1, -1), same_row & same_key)
-    assert torch.equal(torch.unique(pair_id), torch.arange(n_pairs))
+    for ids in (pair_id, ctx_id):  # dense: 0 .. (number of distinct ids) - 1, within the K * N bound
+        assert torch.equal(torch.unique(ids), torch.arange(len(torch.unique(ids))))
