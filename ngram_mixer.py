@@ -813,11 +813,11 @@ class LookupPrefetch:
 
     On CUDA the lookup is launch-bound: ~420 small kernels and 5 syncs (range checks, the document window's
     bounds) per call, a latency that the step would otherwise wait out. ahead(make) runs make() on a side stream
-    right after the step's passes are queued, so those launches and syncs (which wait for the side stream only) overlap the
-    model's kernels; take(make) hands the result to the default stream, or makes it now if nothing was prepared
-    (the first step, after reset()). make() may read only tensors that the default stream has finished writing
-    (the side stream does not wait for it, or it would wait for the step; the trainer's tables and positions are
-    made before training starts). On CPU make() runs inline: the same values, computed one step earlier."""
+    right after the step's passes are queued, so those launches and syncs (which wait for the side stream only)
+    overlap the model's kernels; take(make) hands the result to the default stream, or makes it now if nothing was
+    prepared (the first step, after reset()). make() may read only tensors that the default stream has finished
+    writing (the side stream does not wait for it, or it would wait for the step; the trainer's tables and
+    positions are made before training starts). On CPU make() runs inline: the same values, computed one step earlier."""
 
     def __init__(self, device):
         # high priority: its small kernels slip in between the model's instead of queueing behind them, and the
