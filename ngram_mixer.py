@@ -817,7 +817,8 @@ class LookupPrefetch:
     overlap the model's kernels; take(make) hands the result to the default stream, or makes it now if nothing was
     prepared (the first step, after reset()). make() may read only tensors that the default stream has finished
     writing (the side stream does not wait for it, or it would wait for the step; the trainer's tables and
-    positions are made before training starts). On CPU make() runs inline: the same values, computed one step earlier."""
+    positions are made before training starts). On CPU make() runs inline: the same values, computed one step
+    earlier."""
 
     def __init__(self, device):
         # high priority: its small kernels slip in between the model's instead of queueing behind them, and the
