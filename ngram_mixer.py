@@ -767,24 +767,26 @@ def expert_feature_count(num_experts: int, document_orders: int = 0) -> int:
 
 def expert_inputs(tables: NgramTables, stream: torch.Tensor, positions: torch.Tensor, min_count: int,
                   targets: torch.Tensor | None = None, in_table: torch.Tensor | None = None, *,
-                  discount: float, document: DocumentCache | None = None
+                  discount: float, document: DocumentCache | None = None, chunk_start: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The experts' inputs at each position: (p_k(target) [K, P] float32, valid [K, P] bool, features [P, F]
     float32), the one place where n-gram counts become what the gate mixes (training, evaluation and the
     legality audit all call it). Experts are the tables' orders >= 2.
 
     Counts (NgramTables.counts): at evaluation, the cache holds stream[0:cache.num_tokens] and a target at t also
-    counts the chunk's own tokens before t; in training (in_table: [K_tables, L] bool, which of the stream's
-    n-grams the frozen tables hold) the table's own n-grams at or after t are left out, so the gate trains on
-    counts that look like the cache's. The target at t is stream[t], or targets[p] when given (then the stream may
-    end right before t, for the audit's candidate enumeration).
+    counts the chunk's own tokens before t (from chunk_start, default cache.num_tokens); in training (in_table:
+    [K_tables, L] bool, which of the stream's n-grams the frozen tables hold) the table's own n-grams at or after
+    t are left out, so the gate trains on counts that look like the cache's. A training stream that the tables do
+    not hold at all is counted with chunk_start 0 instead: the same counts, without the leave-future-out work.
+    The target at t is stream[t], or targets[p] when given (then the stream may end right before t, for the
+    audit's candidate enumeration).
     Expert k is the order-n interpolated absolute-discounting distribution backing off through the lower orders
     to the uniform (ngram_mixer.smoothed_probs), a full distribution > 0 summing to 1. It is valid where its
     context was seen at least `min_count` times; the gate ignores the others. Features depend on the context
     only (never on the target), so they are the same for every candidate token.
     document: the document cache joins as the last expert, smoothed on top of the highest table order; it counts
     the same stream (in training: the segment, so a document that began before it is seen from its start)."""
-    counts = tables.counts(stream, positions, targets, in_table=in_table)
+    counts = tables.counts(stream, positions, targets, chunk_start, in_table)
     experts = [k for k, n in enumerate(tables.orders) if n >= 2]
     expert_counts = ExpertCounts(counts.context[experts], counts.pair[experts], counts.distinct[experts])
     smoothed = smoothed_probs(counts, tables.vocab_size, discount)

@@ -701,9 +701,8 @@ class GPT(nn.Module):
 
 # ----------------------------- EVALUATION -----------------------------
 # Every target t in [1, N) of the val stream is scored exactly once, from a distribution over the whole vocabulary
-# that depends only on tokens < t: the model reads a causal window, the n-gram cache holds only tokens of earlier
-# chunks, and TTT and the online gate learn from a chunk only after all its targets are scored. The legality
-# audit checks this at random targets and the run exits 4 when it fails (see score_span and LegalityAudit).
+# that depends only on tokens < t (the model's causal window, n-gram counts before t); TTT and the online gate learn
+# from a chunk only after all its targets are scored. The legality audit checks it; a failure exits 4 (LegalityAudit).
 
 
 def window_schedule(first: int, end: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -1273,10 +1272,13 @@ def next_batch(run: Run, trainer: Trainer) -> tuple[Tensor, tuple]:
     segment, segment_position = loader.next_step()
     if tables is None:
         return segment, ()
-    # the segment's n-grams the frozen tables hold leave from t on; the others join before t (expert_inputs)
-    stream_index = (segment_position + torch.arange(len(segment), device=segment.device)) % loader.stream.total_tokens
-    return segment, expert_inputs(tables, segment, trainer.lookup_positions, args.ngram_min_count,
-                                  in_table=table_mask(tables.orders, stream_index, trainer.prefill_tokens),
+    # The segment's n-grams that the frozen tables hold leave from t on; the others join before t (expert_inputs).
+    # Past the prefill (the usual case) the tables hold none: all join, as in the eval form from chunk_start 0.
+    view, segment_end = dict(chunk_start=0), segment_position + len(segment)
+    if segment_position < trainer.prefill_tokens or segment_end > loader.stream.total_tokens:
+        stream_index = torch.arange(segment_position, segment_end, device=segment.device) % loader.stream.total_tokens
+        view = dict(in_table=table_mask(tables.orders, stream_index, trainer.prefill_tokens))
+    return segment, expert_inputs(tables, segment, trainer.lookup_positions, args.ngram_min_count, **view,
                                   discount=args.ngram_discount, document=args.document_cache(run.bos_id))
 
 
@@ -1310,9 +1312,7 @@ def optimizer_step(args: Hyperparameters, trainer: Trainer, step: int, lr_multip
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_multiplier
-    for opt in trainer.optimizers:
         opt.step()
-    for opt in trainer.optimizers:
         opt.zero_grad(set_to_none=True)
 
 

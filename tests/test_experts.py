@@ -159,8 +159,11 @@ def test_training_view_past_the_prefill_is_the_table_plus_earlier_ngrams(masked_
     got = tables.counts(stream, positions, in_table=in_table)
     # a query at the stream's end makes the call read every n-gram: the first queries' counts must not change
     read_all = tables.counts(stream, torch.cat([positions, torch.tensor([799])]), in_table=in_table)
+    # which is the evaluation form counted from chunk_start 0 (train_gpt.next_batch past the prefill)
+    from_zero = tables.counts(stream, positions, chunk_start=0)
     for field in ("context", "pair", "distinct"):
         assert torch.equal(getattr(got, field), getattr(read_all, field)[:, :-1]), field
+        assert torch.equal(getattr(got, field), getattr(from_zero, field)), field
     table_context, table_pair = tables.lookup(stream, positions)
     as_list = stream.tolist()
     for p, t in enumerate(positions.tolist()):

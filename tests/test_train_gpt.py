@@ -252,6 +252,29 @@ def test_mixture_loss_reads_the_targets_its_lookup_scored(monkeypatch, stride, r
     assert loss == pytest.approx(ce + args.ngram_loss_weight * mix_nll, rel=1e-5)
 
 
+def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch):
+    """next_batch counts a segment the tables hold none of from chunk_start 0 (no leave-future-out work); its
+    expert inputs must equal the table-mask form's, and segments that reach into the prefill keep the mask."""
+    for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="4", NGRAM_PREFILL_TOKENS="3000").items():
+        monkeypatch.setenv(name, value)
+    args = tg.Hyperparameters()
+    run = SimpleNamespace(args=args, device=torch.device("cpu"), rank=0, world_size=1, distributed=False,
+                          compile_model=False, bos_id=1, autocast=contextlib.nullcontext)
+    trainer = tg.build_trainer(run, tg.list_shards(args.data_path, "train"))
+    masks = []
+    monkeypatch.setattr(tg, "table_mask", lambda *a: masks.append(a) or tg.ngram_mixer.table_mask(*a))
+    for _ in range(3):  # segments of 2,056 tokens: inside, across and past the 3,000-token prefill
+        position = trainer.loader.stream.position
+        segment, got = tg.next_batch(run, trainer)
+        in_table = tg.ngram_mixer.table_mask(trainer.tables.orders, torch.arange(position, position + len(segment)),
+                                             trainer.prefill_tokens)
+        expect = tg.expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
+                                  in_table=in_table, discount=args.ngram_discount,
+                                  document=args.document_cache(run.bos_id))
+        assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    assert len(masks) == 2  # the third segment, past the prefill, was counted without the mask
+
+
 def test_two_processes_match_one_process(tmp_path):
     settings = dict(NGRAM="1", TTT="0", ITERATIONS="3")
     one, log1 = run_trainer(tmp_path, RUN_ID="one", **settings)
