@@ -206,7 +206,8 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
          f"MODEL_DIM={args.model_dim} / NUM_HEADS={args.num_heads} must be an even head dim (RoPE)")
     need(args.num_heads % args.num_kv_heads == 0,
          f"NUM_HEADS={args.num_heads} must be a multiple of NUM_KV_HEADS={args.num_kv_heads}")
-    need(args.ngram_max_order >= 2, f"NGRAM_MAX_ORDER={args.ngram_max_order} must be >= 2")
+    need(args.ngram_max_order >= 2 and args.ngram_prefill_tokens >= 0,
+         f"NGRAM_MAX_ORDER={args.ngram_max_order} must be >= 2, NGRAM_PREFILL_TOKENS={args.ngram_prefill_tokens} >= 0")
     need(0.0 <= args.ngram_neural_floor <= 1.0, f"NGRAM_NEURAL_FLOOR={args.ngram_neural_floor} must be in [0, 1]")
     need(0.0 < args.ngram_discount <= 1.0, f"NGRAM_DISCOUNT={args.ngram_discount} must be in (0, 1]")
     need(args.ngram_doc_order >= 0 and args.ngram_doc_prior > 0, "NGRAM_DOC_ORDER >= 0 and NGRAM_DOC_PRIOR > 0")
@@ -410,7 +411,7 @@ class TokenStream:
             parts.append(part)
             self.offset += len(part)
             n -= len(part)
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else self.tokens[:0]
 
 
 class DistributedTokenLoader:
@@ -1269,15 +1270,14 @@ class Trainer:
 def next_batch(run: Run, trainer: Trainer) -> tuple[Tensor, tuple]:
     """The next step's segment, and the expert inputs of its mixture targets (empty without the mixer)."""
     args, loader, tables = run.args, trainer.loader, trainer.tables
-    segment, segment_position = loader.next_step()
+    segment, start = loader.next_step()
     if tables is None:
         return segment, ()
-    # The segment's n-grams that the frozen tables hold leave from t on; the others join before t (expert_inputs).
-    # Past the prefill (the usual case) the tables hold none: all join, as in the eval form from chunk_start 0.
-    view, segment_end = dict(chunk_start=0), segment_position + len(segment)
-    if segment_position < trainer.prefill_tokens or segment_end > loader.stream.total_tokens:
-        stream_index = torch.arange(segment_position, segment_end, device=segment.device) % loader.stream.total_tokens
-        view = dict(in_table=table_mask(tables.orders, stream_index, trainer.prefill_tokens))
+    # n-grams the tables hold leave from t on, the others join before t; past the prefill (the usual case) none is held
+    end, total, prefill = start + len(segment), loader.stream.total_tokens, trainer.prefill_tokens
+    view = dict(chunk_start=0)  # the eval form (expert_inputs)
+    if prefill and (start < prefill or end > total):  # past the stream's end it wraps to the prefill
+        view = dict(in_table=table_mask(tables.orders, torch.arange(start, end, device=run.device) % total, prefill))
     return segment, expert_inputs(tables, segment, trainer.lookup_positions, args.ngram_min_count, **view,
                                   discount=args.ngram_discount, document=args.document_cache(run.bos_id))
 

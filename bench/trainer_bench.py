@@ -8,7 +8,9 @@ full LR (WARMDOWN_FRAC=0), so its first steps' train loss compares with a 20000-
 train on the bundled sample (628K train tokens): past the first epoch the loss reflects memorization.
 Settings: "ngram" (the mixer as configured, with the document cache), "stride_N" for each of --strides (the same
 with NGRAM_TRAIN_STRIDE=N), "no_document" (NGRAM_DOC_ORDER=0) and "plain" (NGRAM=0); the overheads are each
-against "plain". Step times are steady-state (devkit's
+against "plain". On GPU also "past_prefill" (NGRAM_PREFILL_TOKENS=0): every step counted as past the prefill,
+the usual case of a competition run, which the 628K-token sample cannot otherwise reach with 524,288-token steps
+(its tables are empty, so it lacks their lookups, a few kernels). Step times are steady-state (devkit's
 RunLog.steady_step_ms: the second half of the train lines, so neither the n-gram prefill nor the first steps).
 A run that fails is reported and the others still run; the bench then exits nonzero.
 """
@@ -42,7 +44,8 @@ def main():
         short = dict(TTT="0", ITERATIONS=str(steps // 2), VAL_MAX_TOKENS="131072")
         settings = {"ngram": dict(NGRAM="1", TTT="1", ITERATIONS=str(steps)),
                     **{f"stride_{n}": dict(short, NGRAM="1", NGRAM_TRAIN_STRIDE=n) for n in strides},
-                    "no_document": dict(short, NGRAM="1", NGRAM_DOC_ORDER="0"), "plain": dict(short, NGRAM="0")}
+                    "no_document": dict(short, NGRAM="1", NGRAM_DOC_ORDER="0"),
+                    "past_prefill": dict(short, NGRAM="1", NGRAM_PREFILL_TOKENS="0"), "plain": dict(short, NGRAM="0")}
     else:
         steps, repeats = args.steps or 30, args.repeats or 2
         base = dict(read_env_file(REPO / "configs" / "sample_cpu.env"), ITERATIONS=str(steps),

@@ -252,12 +252,14 @@ def test_mixture_loss_reads_the_targets_its_lookup_scored(monkeypatch, stride, r
     assert loss == pytest.approx(ce + args.ngram_loss_weight * mix_nll, rel=1e-5)
 
 
-def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch):
+@pytest.mark.parametrize("prefill, masked", [(3000, 2), (0, 0)])
+def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch, prefill, masked):
     """next_batch counts a segment the tables hold none of from chunk_start 0 (no leave-future-out work); its
     expert inputs must equal the table-mask form's, and segments that reach into the prefill keep the mask."""
-    for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="4", NGRAM_PREFILL_TOKENS="3000").items():
+    for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="4", NGRAM_PREFILL_TOKENS=str(prefill)).items():
         monkeypatch.setenv(name, value)
     args = tg.Hyperparameters()
+    tg.validate_hyperparameters(args, 1)
     run = SimpleNamespace(args=args, device=torch.device("cpu"), rank=0, world_size=1, distributed=False,
                           compile_model=False, bos_id=1, autocast=contextlib.nullcontext)
     trainer = tg.build_trainer(run, tg.list_shards(args.data_path, "train"))
@@ -272,7 +274,10 @@ def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch):
                                   in_table=in_table, discount=args.ngram_discount,
                                   document=args.document_cache(run.bos_id))
         assert all(torch.equal(a, b) for a, b in zip(got, expect))
-    assert len(masks) == 2  # the third segment, past the prefill, was counted without the mask
+    assert len(masks) == masked  # the third segment, past the prefill, was counted without the mask
+    args.ngram_prefill_tokens = -1
+    with pytest.raises(ValueError, match="NGRAM_PREFILL_TOKENS=-1"):
+        tg.validate_hyperparameters(args, 1)
 
 
 def test_two_processes_match_one_process(tmp_path):
