@@ -403,8 +403,7 @@ class NgramTables:
         stream = _as_ids(stream, "stream", self.vocab_size, self.device)
         positions = _as_ids(positions, "positions", stream.numel() + (targets is not None), self.device)
         targets = self._targets(stream, positions, targets)
-        base = self._context_bases(stream, positions)
-        context, pair, distinct, valid = self._table_counts(stream, positions, targets, base)
+        # the host reads device values (the bounds) before this call queues its kernels, so it never waits for them
         if in_table is None:
             # events up to the last bound any query needs: the last target, where only earlier n-grams join
             first = self.num_tokens if chunk_start is None else int(chunk_start)
@@ -416,6 +415,8 @@ class NgramTables:
                 raise ValueError(f"in_table must be bool [{len(self.orders)}, {stream.numel()}], "
                                  f"got {in_table.dtype} {tuple(in_table.shape)}")
             first, end = 0, stream.numel()  # the table's own n-grams leave up to the stream's end
+        base = self._context_bases(stream, positions)
+        context, pair, distinct, valid = self._table_counts(stream, positions, targets, base)
         if end <= first:
             return ExpertCounts(context, pair, distinct)
         event_pos = torch.arange(first, end, device=self.device)
