@@ -252,10 +252,11 @@ def test_mixture_loss_reads_the_targets_its_lookup_scored(monkeypatch, stride, r
     assert loss == pytest.approx(ce + args.ngram_loss_weight * mix_nll, rel=1e-5)
 
 
-@pytest.mark.parametrize("prefill, masked", [(3000, 2), (0, 0)])
+@pytest.mark.parametrize("prefill, masked", [(3000, 3), (0, 0)])
 def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch, prefill, masked):
     """next_batch counts a segment the tables hold none of from chunk_start 0 (no leave-future-out work); its
-    expert inputs must equal the table-mask form's, and segments that reach into the prefill keep the mask."""
+    expert inputs must equal the table-mask form's, and segments that reach into the prefill (or wrap past the
+    stream's end back into it) keep the mask."""
     for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="4", NGRAM_PREFILL_TOKENS=str(prefill)).items():
         monkeypatch.setenv(name, value)
     args = tg.Hyperparameters()
@@ -265,11 +266,14 @@ def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch, pref
     trainer = tg.build_trainer(run, tg.list_shards(args.data_path, "train"))
     masks = []
     monkeypatch.setattr(tg, "table_mask", lambda *a: masks.append(a) or tg.ngram_mixer.table_mask(*a))
-    for _ in range(3):  # segments of 2,056 tokens: inside, across and past the 3,000-token prefill
-        position = trainer.loader.stream.position
+    stream = trainer.loader.stream
+    for step in range(4):  # segments of 2,056 tokens: inside, across and past the 3,000-token prefill, then wrapping
+        if step == 3:
+            stream.take(stream.total_tokens - stream.position - 1000)
+        position = stream.position
         segment, got = tg.next_batch(run, trainer)
-        in_table = tg.ngram_mixer.table_mask(trainer.tables.orders, torch.arange(position, position + len(segment)),
-                                             trainer.prefill_tokens)
+        index = torch.arange(position, position + len(segment)) % stream.total_tokens
+        in_table = tg.ngram_mixer.table_mask(trainer.tables.orders, index, trainer.prefill_tokens)
         expect = tg.expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
                                   in_table=in_table, discount=args.ngram_discount,
                                   document=args.document_cache(run.bos_id))
