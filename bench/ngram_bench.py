@@ -230,10 +230,12 @@ def bench_expert_inputs(device, rows):
 
 
 def bench_training_lookup(device, rows, local_tokens, world_size=1, strides=(1, 4, 16)):
-    """Wall time of one training step's expert_inputs on rank 0 (train_gpt.next_batch's call: frozen tables of a
-    1M-token prefill that holds the segment, leave-future-out, the document cache). The segment is 8 micro-batches
-    of local_tokens targets; rank 0 of world_size looks up its 8 / world_size of them, every stride-th
-    (NGRAM_TRAIN_STRIDE): the mixer's step overhead and what the stride saves. Last, at the largest stride, a
+    """Wall time of one training step's expert_inputs on the last rank (train_gpt.next_batch's call: frozen tables
+    of a 1M-token prefill that holds the segment, leave-future-out, the document cache). The segment is 8
+    micro-batches of local_tokens targets; the last of world_size ranks looks up its 8 / world_size of them, every
+    stride-th (NGRAM_TRAIN_STRIDE): the mixer's step overhead and what the stride saves. The last rank's targets
+    lie furthest into the segment, so past the prefill it counts the most events, and the step waits for it.
+    Last, at the largest stride, a
     segment past the prefill (train tokens the val tables do not hold, counted from chunk_start 0): the usual case
     of a competition run, whose 23M-token prefill is behind it after 44 steps."""
     import train_gpt
@@ -249,7 +251,7 @@ def bench_training_lookup(device, rows, local_tokens, world_size=1, strides=(1, 
                              len(stream))
     calls = []
     for stride in strides:
-        positions = (torch.arange(0, 8, world_size, device=device)[:, None] * span +
+        positions = (torch.arange(world_size - 1, 8, world_size, device=device)[:, None] * span +
                      torch.arange(stride, local_tokens + 1, stride, device=device)).reshape(-1)
         calls.append(lambda positions=positions: nm.expert_inputs(
             tables, segment, positions, args.ngram_min_count, in_table=in_table, discount=args.ngram_discount,
