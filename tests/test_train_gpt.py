@@ -228,11 +228,14 @@ def test_end_to_end_run_logs_scores_and_artifact_reloads(tmp_path):
             [ln for ln in log2.splitlines() if ln.startswith(prefix)]
 
 
-@pytest.mark.parametrize("stride, rank, world_size", [(1, 0, 1), (3, 0, 1), (5, 1, 2)])
-def test_mixture_loss_reads_the_targets_its_lookup_scored(monkeypatch, stride, rank, world_size):
+@pytest.mark.parametrize("stride, rank, world_size, prefill", [(1, 0, 1, 50000), (3, 0, 1, 50000), (5, 1, 2, 50000),
+                                                               (5, 1, 2, 0)])
+def test_mixture_loss_reads_the_targets_its_lookup_scored(monkeypatch, stride, rank, world_size, prefill):
     """NGRAM_TRAIN_STRIDE: the step's one lookup (build_trainer's lookup_positions) and the rows the mixture loss
-    reads (GPT.mixture_rows) name the same targets, every stride-th of each micro-batch, in micro-batch order."""
-    for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="3", NGRAM_TRAIN_STRIDE=str(stride)).items():
+    reads (GPT.mixture_rows) name the same targets, every stride-th of each micro-batch, in micro-batch order,
+    inside the prefill (the table-mask form) and past it (chunk_start 0)."""
+    for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="3", NGRAM_TRAIN_STRIDE=str(stride),
+                            NGRAM_PREFILL_TOKENS=str(prefill)).items():
         monkeypatch.setenv(name, value)
     args = tg.Hyperparameters()
     run = SimpleNamespace(args=args, device=torch.device("cpu"), rank=rank, world_size=world_size, distributed=False,
@@ -282,6 +285,22 @@ def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch, pref
     args.ngram_prefill_tokens = -1
     with pytest.raises(ValueError, match="NGRAM_PREFILL_TOKENS=-1"):
         tg.validate_hyperparameters(args, 1)
+
+
+def test_lookup_is_the_same_for_one_and_two_processes(monkeypatch):
+    """Every rank counts the whole segment before each of its targets, so rank 1 of 2 gets what one process gets
+    for the targets of spans 1, 3, 5 and 7, inside the prefill and past it."""
+    for prefill in (50000, 0):
+        for name, value in dict(TINY_ENV, NGRAM="1", NGRAM_MAX_ORDER="4", NGRAM_PREFILL_TOKENS=str(prefill)).items():
+            monkeypatch.setenv(name, value)
+        got = []
+        for rank, world_size in ((0, 1), (1, 2)):
+            args = tg.Hyperparameters()
+            run = SimpleNamespace(args=args, device=torch.device("cpu"), rank=rank, world_size=world_size,
+                                  distributed=False, compile_model=False, bos_id=1, autocast=contextlib.nullcontext)
+            got.append(tg.next_batch(run, tg.build_trainer(run, tg.list_shards(args.data_path, "train")))[1])
+        for one, second, dim in zip(*got, (1, 1, 0)):
+            assert torch.equal(torch.cat(one.chunk(8, dim)[1::2], dim), second), prefill
 
 
 def test_two_processes_match_one_process(tmp_path):
