@@ -455,10 +455,11 @@ class NgramTables:
         own_count = torch.zeros_like(never).index_add_(0, pair_id, own.long())
         # every live event of a pair holds the same table count; amax ignores the 0 of events that are not live
         table_count = torch.zeros_like(never).scatter_reduce_(0, pair_id, event_table_pair.reshape(-1), "amax")
-        overdrawn = (own_count > table_count)[pair_id].view(live.shape)  # per event, so its row names the order
-        if leaving and overdrawn.any():
-            k = int(overdrawn.any(dim=1).nonzero()[0, 0])
-            raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
+        if leaving:  # the caller's in_table must mark only n-grams that the table holds
+            overdrawn = (own_count > table_count)[pair_id].view(live.shape)  # per event: its row names the order
+            if overdrawn.any():
+                k = int(overdrawn.any(dim=1).nonzero()[0, 0])
+                raise ValueError(f"in_table marks order-{self.orders[k]} n-grams that are not in the table")
         group_ctx = torch.zeros_like(never).scatter_(0, pair_id, ctx_id)
         fresh = (table_count == 0) & (first_added < end)
         vanishing = (own_count > 0) & (own_count == table_count)
