@@ -815,8 +815,8 @@ def table_mask(orders: tuple[int, ...], stream_positions: torch.Tensor, prefill_
 class LookupPrefetch:
     """The next training step's lookup (its segment and expert_inputs), made while the device still runs this step.
 
-    On CUDA the lookup is launch-bound: ~420 small kernels and 5 syncs (range checks, the document window's
-    bounds) per call, a latency that the step would otherwise wait out. ahead(make) runs make() on a side stream
+    On CUDA the lookup is launch-bound: ~420 small kernels and 5 syncs (input checks and bound reads) per call,
+    a latency that the step would otherwise wait out. ahead(make) runs make() on a side stream
     right after the step's passes are queued, so those launches and syncs (which wait for the side stream only)
     overlap the model's kernels; take(make) hands the result to the default stream, or makes it now if nothing was
     prepared (the first step, after reset()). make() may read only tensors that the default stream has finished
