@@ -10,13 +10,16 @@ Triton kernel and the torch path (median of triton.testing.do_bench), which must
 On either device: expert_inputs for one evaluation batch (4,096 and 65,536 targets; on CUDA also 1M), the
 table experts alone against the same plus the document cache (DocumentCache, orders 1-4), side by side; on CUDA
 their outputs must equal the CPU's. Then one training step's expert_inputs at NGRAM_TRAIN_STRIDE 1, 4 and 16 (CPU:
-configs/sample_cpu.env's step; CUDA: the 1-GPU trainer bench's step, and one rank's share on 8 GPUs).
-The reference column is numpy's figure, or the first of a side-by-side (tables alone; stride 1).
+configs/sample_cpu.env's step; CUDA: the 1-GPU trainer bench's step, and one rank's share on 8 GPUs), past the
+prefill, and both ways of leaving out masked events (ngram_mixer._drops_masked), which must give equal experts.
+The reference column is numpy's figure, or the first of a side-by-side (tables alone; stride 1; the default
+masking).
 """
 import argparse
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -229,15 +232,28 @@ def bench_expert_inputs(device, rows):
                      t_both * 1e3, t_tables * 1e3))
 
 
+def other_masking(fn):
+    """fn run with masked-out events left out the device's other way (ngram_mixer._drops_masked): on CUDA dropped
+    (smaller sorts, but a device sync per drop, where the default keeps them as neutral entries and never syncs),
+    on CPU kept as neutral entries."""
+    default = nm._drops_masked
+
+    def call():
+        with mock.patch.object(nm, "_drops_masked", lambda device: not default(device)):
+            return fn()
+    return call
+
+
 def bench_training_lookup(device, rows, local_tokens, world_size=1, strides=(1, 4, 16)):
     """Wall time of one training step's expert_inputs on the last rank (train_gpt.next_batch's call: frozen tables
     of a 1M-token prefill that holds the segment, leave-future-out, the document cache). The segment is 8
     micro-batches of local_tokens targets; the last of world_size ranks looks up its 8 / world_size of them, every
     stride-th (NGRAM_TRAIN_STRIDE): the mixer's step overhead and what the stride saves. The last rank's targets
     lie furthest into the segment, so past the prefill it counts the most events, and the step waits for it.
-    Last, at the largest stride, a
-    segment past the prefill (train tokens the val tables do not hold, counted from chunk_start 0): the usual case
-    of a competition run, whose 23M-token prefill is behind it after 44 steps."""
+    Last, at the largest stride, a segment past the prefill (train tokens the val tables do not hold, counted from
+    chunk_start 0): the usual case of a competition run, whose 23M-token prefill is behind it after 44 steps.
+    Both largest-stride calls run again with masked events left out the other way (other_masking), which must give
+    the same experts: the ratio says whether ngram_mixer._drops_masked picks the faster way for this device."""
     import train_gpt
 
     args = train_gpt.Hyperparameters()
@@ -249,20 +265,31 @@ def bench_training_lookup(device, rows, local_tokens, world_size=1, strides=(1, 
     segment = stream[segment_start:segment_start + 8 * span]
     in_table = nm.table_mask(tables.orders, torch.arange(segment_start, segment_start + len(segment), device=device),
                              len(stream))
-    calls = []
+    names, calls = [], []
     for stride in strides:
         positions = (torch.arange(world_size - 1, 8, world_size, device=device)[:, None] * span +
                      torch.arange(stride, local_tokens + 1, stride, device=device)).reshape(-1)
+        names.append(f"stride {stride}")
         calls.append(lambda positions=positions: nm.expert_inputs(
             tables, segment, positions, args.ngram_min_count, in_table=in_table, discount=args.ngram_discount,
             document=args.document_cache(bos_id=1)))
     past = train_gpt.load_data_shard(SAMPLE_TRAIN_SHARD, VOCAB)[:len(segment)].to(device, torch.int64)  # not in them
+    names.append(f"stride {strides[-1]}, past the prefill")
     calls.append(lambda: nm.expert_inputs(tables, past, positions, args.ngram_min_count, chunk_start=0,
                                           discount=args.ngram_discount, document=args.document_cache(bos_id=1)))
-    times, _ = race(calls, device)
-    for stride, seconds in zip(strides + (f"{strides[-1]}, past the prefill",), times):
-        name = f"{device.type} train expert_inputs, {8 // world_size} x {local_tokens:,}, stride {stride}, ms"
-        rows.append((name, seconds * 1e3, times[0] * 1e3 if stride != 1 else None))
+    other = "masked dropped" if device.type == "cuda" else "masked kept (neutral)"
+    names += [f"{names[-2]}, {other}", f"{names[-1]}, {other}"]
+    calls += [other_masking(calls[-2]), other_masking(calls[-1])]
+    times, results = race(calls, device)
+    twins = len(strides) + 1  # the index of the first other-masking call
+    for i in range(twins, len(calls)):
+        for what, got, expect in zip(("probs", "valid", "features"), results[i], results[i - 2]):
+            assert torch.equal(got, expect), f"{names[i]}: {what} differ from the default masking's"
+    for i, (name, seconds) in enumerate(zip(names, times)):
+        # the ratio column: against stride 1, or for an other-masking row against its default twin
+        ref = times[i - 2] if i >= twins else times[0] if i else None
+        name = f"{device.type} train expert_inputs, {8 // world_size} x {local_tokens:,}, {name}, ms"
+        rows.append((name, seconds * 1e3, ref * 1e3 if ref is not None else None))
 
 
 def main():
@@ -282,11 +309,12 @@ def main():
         # a step of the 1-GPU trainer bench (8 micro-batches), and one rank's of the same batch on 8 GPUs
         bench_training_lookup(torch.device("cuda"), rows, 65536)
         bench_training_lookup(torch.device("cuda"), rows, 65536, world_size=8)
-    print(f"\n{'figure':66s} {'ours':>14s} {'reference':>14s} {'ours/ref':>9s}")
+    width = max(len(name) for name, _, _ in rows)
+    print(f"\n{'figure':{width}s} {'ours':>14s} {'reference':>14s} {'ours/ref':>9s}")
     for name, ours, ref in rows:
         ratio = f"{ours / ref:9.2f}" if ref is not None and ("/s" in name or "|" in name or "stride" in name) else ""
         ref_text = f"{ref:14,.2f}" if ref is not None else ""
-        print(f"{name:66s} {ours:14,.2f} {ref_text:>14s} {ratio}")
+        print(f"{name:{width}s} {ours:14,.2f} {ref_text:>14s} {ratio}")
 
 
 if __name__ == "__main__":
