@@ -284,7 +284,9 @@ def bench_training_lookup(device, rows, local_tokens, world_size=1, strides=(1, 
     twins = len(strides) + 1  # the index of the first other-masking call
     for i in range(twins, len(calls)):
         for what, got, expect in zip(("probs", "valid", "features"), results[i], results[i - 2]):
-            assert torch.equal(got, expect), f"{names[i]}: {what} differ from the default masking's"
+            # the same integer counts; the tolerance only spares the float ops of a GPU any atomics' ordering
+            assert torch.allclose(got.double(), expect.double(), rtol=1e-6, atol=0), \
+                f"{names[i]}: {what} differ from the default masking's"
     for i, (name, seconds) in enumerate(zip(names, times)):
         # the ratio column: against stride 1, or for an other-masking row against its default twin
         ref = times[i - 2] if i >= twins else times[0] if i else None
