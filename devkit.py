@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ngram_mixer import AUDIT_MAX_GOLD_ERR, AUDIT_MAX_RESCORE_DELTA, AUDIT_MAX_SUM_ERR
+
 REPO_ROOT = Path(__file__).resolve().parent
 
 # -----------------------------
@@ -59,9 +61,10 @@ RE_ROUNDTRIP = re.compile(rf"^final_\w+_roundtrip val_loss:{NUM} val_bpb:{NUM} e
 # An audit error can be nan or inf (printed by %.3e as such): it must still parse, to be refused as a failure.
 AUDIT_NUM = rf"{NUM}|nan|inf"
 RE_AUDIT = re.compile(rf"^legality_audit positions:(\d+) max_abs_sum_err:({AUDIT_NUM}) "
-                      rf"max_gold_logp_err:({AUDIT_NUM}) max_future_logp_delta:({AUDIT_NUM})$")
-# The audit line before the causal audit (no future-token check): recognized only to refuse it by name.
-RE_AUDIT_PRE_CAUSAL = re.compile(r"^legality_audit positions:\d+ max_abs_sum_err:\S+ max_gold_err:\S+$")
+                      rf"max_gold_logp_err:({AUDIT_NUM}) max_rescore_logp_delta:({AUDIT_NUM}) seed:(\d+)$")
+# Audit lines of earlier formats, whose audit never replaced the target itself: recognized to refuse by name.
+RE_AUDIT_OLD = re.compile(r"^legality_audit positions:\d+ max_abs_sum_err:\S+ "
+                          r"(max_gold_err:\S+|max_gold_logp_err:\S+ max_future_logp_delta:\S+)$")
 RE_TOKENIZER = re.compile(r"^tokenizer path:(.+) vocab_size:(\d+) sha256:([0-9a-f]{64})$")
 RE_VAL_TOKENS = re.compile(r"^val_tokens:(\d+) scored_targets:\d+$")
 RE_SCORED = re.compile(r"^scored_tokens:(\d+) scored_bytes:(\d+)$")
@@ -71,21 +74,24 @@ RE_EVAL_TOTAL = re.compile(rf"^eval_time (?:\w+:{NUM}ms )*total:({NUM})ms$")
 RE_EXACT = re.compile(rf"^(final_ngram_ttt_exact|final_\w+_roundtrip_exact) val_loss:({NUM}) val_bpb:({NUM})$")
 
 
-# train_gpt.py's pass/fail thresholds for the audit (it logs LEGALITY_AUDIT_FAILED and exits beyond them).
-AUDIT_TOLERANCES = dict(max_abs_sum_err=1e-4, max_gold_logp_err=1e-5, max_future_logp_delta=1e-5)
+# The trainer's pass/fail limits (it logs LEGALITY_AUDIT_FAILED and exits beyond them), from their one home.
+AUDIT_TOLERANCES = dict(max_abs_sum_err=AUDIT_MAX_SUM_ERR, max_gold_logp_err=AUDIT_MAX_GOLD_ERR,
+                        max_rescore_logp_delta=AUDIT_MAX_RESCORE_DELTA)
 
 
 @dataclass(frozen=True)
 class Audit:
-    """The legality_audit line: at `positions` sampled targets the full mixed distribution was rebuilt from the
-    state that scored them; each error is the worst over those targets."""
+    """The legality_audit line: at `positions` sampled targets the run re-scored the target with it and every
+    later token replaced; each error is the worst over those targets (ngram_mixer.LegalityAudit)."""
     positions: int
     # |sum over the vocabulary - 1|
     max_abs_sum_err: float
-    # |log p(gold) rebuilt - log p(gold) scored|
+    # |log p(gold) enumerated - log p(gold) scored|
     max_gold_logp_err: float
-    # largest change of a scored log-probability when the tokens after its target change (causality)
-    max_future_logp_delta: float
+    # largest change of the distribution or a score when the target and every later token are replaced
+    max_rescore_logp_delta: float
+    # the seed that drew the positions (AUDIT_SEED reproduces the audit)
+    seed: int = 0
 
     def failures(self) -> list[str]:
         """Each way this audit misses the thresholds, as text; empty when it passes. A nan error fails."""
@@ -135,8 +141,8 @@ class RunLog:
     # eval_time total (roundtrip + n-gram/TTT pass), else the roundtrip's eval_time.
     eval_time_ms: float | None = None
     audit: Audit | None = None
-    # A legality_audit line in the format before the causal audit (no max_future_logp_delta field).
-    audit_pre_causal: bool = False
+    # A legality_audit line of an earlier format, whose audit never replaced the target itself.
+    audit_old_format: bool = False
     audit_failed: bool = False
     # The score's exact line: final_ngram_ttt_exact when that pass ran, else final_<quant>_roundtrip_exact.
     final_line: str | None = None
@@ -194,7 +200,7 @@ def parse_text(text: str, path: Path) -> RunLog:
         elif m := RE_CODE_BYTES.match(line):
             run.bytes_code = int(m[1])
         elif m := RE_AUDIT.match(line):
-            run.audit = Audit(int(m[1]), float(m[2]), float(m[3]), float(m[4]))
+            run.audit = Audit(int(m[1]), float(m[2]), float(m[3]), float(m[4]), int(m[5]))
         elif m := RE_TOKENIZER.match(line):
             run.tokenizer = Tokenizer(m[1], int(m[2]), m[3])
         elif m := RE_VAL_TOKENS.match(line):
@@ -215,7 +221,7 @@ def parse_text(text: str, path: Path) -> RunLog:
             run.stopped_early |= bool(RE_STOPPED.match(line))
             run.over_cap |= bool(RE_OVER_CAP.match(line))
             run.audit_failed |= bool(RE_AUDIT_FAILED.match(line))
-            run.audit_pre_causal |= bool(RE_AUDIT_PRE_CAUSAL.match(line))
+            run.audit_old_format |= bool(RE_AUDIT_OLD.match(line))
     # The score is the n-gram/TTT pass whenever it ran; falling back to the roundtrip line for a run that died in
     # that pass would report a score the submission does not have.
     if run.expects_ngram_ttt or "final_ngram_ttt_exact" in exact:

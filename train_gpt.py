@@ -44,8 +44,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import (DocumentCache, LegalityAudit, LookupPrefetch, NgramTables, OnlineGate, audit_fails, audit_line,
-                         expert_feature_count, expert_inputs, mixture_logprob, mixture_weights, table_mask)
+from ngram_mixer import (CausalityViolation, DocumentCache, LegalityAudit, LookupPrefetch, NgramTables, OnlineGate,
+                         audit_failures, audit_line, expert_feature_count, expert_inputs, fresh_seed,
+                         mixture_logprob, mixture_weights, replace_tokens_from, table_mask)
 
 # ----------------------------- HYPERPARAMETERS -----------------------------
 # Defaults are the SP8192 record stack (PR #1493: 11 layers x 512, MLP 4x LeakyReLU(0.5)^2, partial RoPE, depth
@@ -147,7 +148,12 @@ class Hyperparameters:
         # Cosine decay of the TTT learning rate across chunks and a gradient-norm clip (PR #1493's recipe).
         self.ttt_cosine = bool(int(os.environ.get("TTT_COSINE", 1)))
         self.ttt_grad_clip = float(os.environ.get("TTT_GRAD_CLIP", 1.0))
-        self.audit_positions = int(os.environ.get("AUDIT_POSITIONS", 256))
+        # Targets the legality audit re-scores; a leak on 1% of targets is caught with 99.4% odds at 512.
+        self.audit_positions = int(os.environ.get("AUDIT_POSITIONS", 512))
+        # 0 = drawn from the OS for every run; the logged seed reproduces an audit.
+        self.audit_seed = int(os.environ.get("AUDIT_SEED", 0))
+        # A causality proof's run (records/prove_causality.py): val tokens after this index replaced; -1 = off.
+        self.val_replace_after = int(os.environ.get("VAL_REPLACE_AFTER", -1))
         # Per-target scores of the final pass (npz), for paired comparisons (records/compare.py).
         self.eval_dump = os.environ.get("EVAL_DUMP", "")
 
@@ -736,8 +742,10 @@ class EvalSetup:
     autocast: object = nullcontext
     ngram_discount: float = 0.87
     document: DocumentCache | None = None
-    # Every target TTT has learned from is < this index; scoring a target at or above it would be a C3 breach.
+    # Every target TTT has read, on any rank, is < this index (from the index tensors it trained on).
     ttt_trained_until: int = 0
+    # How often each val position has been scored in the current pass ([N] int8): C4 is checked at its end.
+    times_scored: Tensor | None = None
 
 
 def forward_windows(setup: EvalSetup, stream: Tensor, start: Tensor, lo: Tensor, hi: Tensor):
@@ -769,17 +777,32 @@ def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tenso
 
 
 class TargetRecord:
-    """Per-target results of one pass, in val order (index t - 1): full-system NLL, neural NLL, mixing weights."""
+    """Per-target results of one pass for targets 1..n_targets, in val order (index t - 1): full-system NLL,
+    neural NLL, mixing weights. Later targets are not kept."""
 
     def __init__(self, n_targets: int, n_weights: int, device: torch.device):
-        self.nll, self.neural_nll = (torch.zeros(n_targets, dtype=torch.float64, device=device) for _ in range(2))
-        self.weights = torch.zeros(n_targets, n_weights, dtype=torch.float32, device=device)
+        # one spare row takes the later targets' writes, so storing needs no mask (and no device sync)
+        self.n_targets = n_targets
+        nll, neural_nll = (torch.zeros(n_targets + 1, dtype=torch.float64, device=device) for _ in range(2))
+        weights = torch.zeros(n_targets + 1, n_weights, dtype=torch.float32, device=device)
+        self.rows = (nll, neural_nll, weights)
+        self.nll, self.neural_nll, self.weights = (row[:n_targets] for row in self.rows)
 
     def store(self, positions: Tensor, neural_lp: Tensor, mixed_lp: Tensor, weights: Tensor | None) -> None:
-        self.nll[positions - 1] = -mixed_lp.double()
-        self.neural_nll[positions - 1] = -neural_lp.double()
+        index = (positions - 1).clamp(max=self.n_targets)
+        self.rows[0][index] = -mixed_lp.double()
+        self.rows[1][index] = -neural_lp.double()
         if weights is not None:
-            self.weights[positions - 1] = weights.float()
+            self.rows[2][index] = weights.float()
+
+    def first_difference(self, other: "TargetRecord", n_targets: int, exact: bool) -> tuple[int, float] | None:
+        """(first target, largest difference) where the two records' first n_targets differ, None where they agree
+        bitwise (exact), or within PROOF_CUDA_TOLERANCE: CUDA's TTT backward adds in no fixed order."""
+        pairs = [(mine[:n_targets].double(), theirs[:n_targets].double()) for mine, theirs in
+                 ((self.nll, other.nll), (self.neural_nll, other.neural_nll), (self.weights, other.weights))]
+        gap = torch.stack([(a - b).abs().reshape(n_targets, -1).amax(1) for a, b in pairs]).amax(0)
+        bad = torch.nonzero(gap > (0.0 if exact else PROOF_CUDA_TOLERANCE)).flatten()
+        return (int(bad[0]) + 1, float(gap.max())) if len(bad) else None
 
 
 @torch.inference_mode()
@@ -788,15 +811,9 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
                online_gate: OnlineGate | None = None) -> Tensor:
     """Score this rank's share of the windows covering targets [first, end); returns [neural NLL, system NLL,
     bytes, tokens] (float64 sums). With `cache`, the n-gram experts join through the model's gate; the cache must
-    hold only tokens < first, and TTT and the gate must not have learned from a target >= first (checked here, where the
-    scores are made: a violation raises)."""
+    hold only tokens < first, and TTT and the gate must not have learned from a target >= first (checked before every
+    batch, where the scores are made: a violation raises CausalityViolation)."""
     tokens, device = setup.tokens, setup.tokens.device
-    if cache is not None:
-        cache.check_holds_only_before(tokens, first)
-    for learner, until in (("TTT", setup.ttt_trained_until), ("the gate", getattr(online_gate, "learned_until", 0))):
-        if until > first:
-            raise RuntimeError(f"causality violated: scoring targets from {first} after {learner} learned from "
-                               f"targets up to {until - 1}")
     start, lo, hi = (t.to(device) for t in window_schedule(first, end, setup.seq_len, setup.stride))
     share = slice(len(start) * setup.rank // setup.world_size, len(start) * (setup.rank + 1) // setup.world_size)
     start, lo, hi = start[share], lo[share], hi[share]
@@ -804,12 +821,15 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
     for i in range(0, len(start), setup.windows_per_batch):
         windows = tuple(w[i:i + setup.windows_per_batch] for w in (start, lo, hi))
         positions, h, log_probs = forward_windows(setup, tokens, *windows)
+        check_nothing_learned(setup, cache, online_gate, positions)
+        if setup.times_scored is not None:
+            setup.times_scored.index_add_(0, positions, torch.ones_like(positions, dtype=torch.int8))
         targets = tokens[positions]
         neural_lp = log_probs.gather(1, targets[:, None]).squeeze(1)
         mixed_lp, weights = mix(setup, cache, h, neural_lp, tokens, positions, online_gate=online_gate)
         if audit is not None:
-            audit.check(lambda *a: mix(setup, cache, *a), lambda *a: forward_windows(setup, *a), tokens,
-                        setup.seq_len, windows, positions, h, log_probs, mixed_lp)
+            audit.check(lambda *a: mix(setup, cache, *a)[0], lambda stream: forward_windows(setup, stream, *windows),
+                        tokens, positions, h, log_probs, mixed_lp)
         if record is not None:
             record.store(positions, neural_lp, mixed_lp, weights)
         n_bytes = count_target_bytes(tokens[positions - 1], targets, setup.luts)
@@ -817,6 +837,36 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
         sums += torch.stack((-neural_lp.double().sum(), -mixed_lp.double().sum(), n_bytes.double().sum(),
                              torch.tensor(float(len(positions)), dtype=torch.float64, device=device)))
     return sums
+
+
+# The inline causality proof's limit on CUDA, where TTT's backward kernels add in no fixed order, so two runs of
+# the same evaluation differ by float noise (unmeasured: bench/gpu_check.sh reports it); on CPU: bitwise.
+PROOF_CUDA_TOLERANCE = 1e-3
+
+
+def check_nothing_learned(setup: EvalSetup, cache: NgramTables | None, online_gate: OnlineGate | None,
+                          positions: Tensor) -> None:
+    """C3 where the scores are made: no table, TTT step or gate step may have seen a target of this batch."""
+    first = int(positions.min())
+    if cache is not None:
+        cache.check_holds_only_before(setup.tokens, first)
+    for learner, until in (("TTT", setup.ttt_trained_until), ("the gate", getattr(online_gate, "learned_until", 0))):
+        if until > first:
+            raise CausalityViolation(f"causality violated: scoring target {first} after {learner} learned from "
+                                     f"targets up to {until - 1}")
+
+
+def check_scored_once(setup: EvalSetup, end: int, n_bytes: float) -> None:
+    """C4 at the end of a pass that scored targets [1, end): each exactly once (over all ranks), and the bytes
+    the pass divided by are those targets' bytes."""
+    times = all_reduce(setup.times_scored)[1:]
+    if not bool((times[:end - 1] == 1).all()) or bool(times[end - 1:].any()):
+        wrong = torch.nonzero(times != (torch.arange(1, len(times) + 1, device=times.device) < end)).flatten() + 1
+        raise CausalityViolation(f"{len(wrong)} targets were not scored exactly once (target {int(wrong[0])}: "
+                                 f"{int(times[wrong[0] - 1])} times)")
+    expected = float(count_target_bytes(setup.tokens[:end - 1], setup.tokens[1:end], setup.luts).double().sum())
+    if n_bytes != expected:
+        raise CausalityViolation(f"the pass divided by {n_bytes:.0f} bytes; its targets hold {expected:.0f}")
 
 
 def all_reduce(tensor: Tensor, op=None) -> Tensor:
@@ -836,11 +886,11 @@ class EvalResult:
     audit: tuple[int, float, float, float] | None = None
 
 
-def eval_val(setup: EvalSetup, record: TargetRecord | None = None) -> EvalResult:
+def eval_val(setup: EvalSetup, record: TargetRecord | None = None, audit: LegalityAudit | None = None) -> EvalResult:
     """The neural model alone over every val target (sliding windows of the setup's stride): one chunk, no cache,
     no TTT. Leaves the model in the mode it found it in (training calls it for its periodic val)."""
     was_training = setup.model.training
-    result = eval_ngram_ttt(setup, [1, len(setup.tokens)], None, TTTConfig(), record=record)
+    result = eval_ngram_ttt(setup, [1, len(setup.tokens)], None, TTTConfig(), audit, record)
     setup.model.train(was_training)
     return result
 
@@ -858,16 +908,19 @@ def ttt_on_chunk(setup: EvalSetup, optimizer: torch.optim.Optimizer, params: lis
     n_seqs = (end - first) // seq_len
     starts = (first - 1 + seq_len * torch.arange(n_seqs, device=setup.tokens.device))[setup.rank::setup.world_size]
     index = starts[:, None] + torch.arange(seq_len, device=starts.device)
+    target_index = index + 1
+    # The high-water mark comes from the indices trained on, not from [first, end): an indexing bug shows.
+    until = torch.tensor(int(target_index.max()) + 1 if len(starts) else 0, device=setup.tokens.device)
+    setup.ttt_trained_until = max(setup.ttt_trained_until, int(all_reduce(until, dist.ReduceOp.MAX)))
     for group in optimizer.param_groups:
         group["lr"] = lr
-    setup.ttt_trained_until = max(setup.ttt_trained_until, end)
     setup.model.train()
     for _ in range(epochs):
         optimizer.zero_grad(set_to_none=False)
         if len(starts):
             with setup.autocast():
                 logits = setup.model.logits(setup.hidden_fn(setup.tokens[index]))
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), setup.tokens[index + 1].reshape(-1),
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), setup.tokens[target_index].reshape(-1),
                                        reduction="sum")
             (loss / (n_seqs * seq_len)).backward()
         if setup.world_size > 1:
@@ -892,7 +945,8 @@ class TTTConfig:
 
 
 def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | None, ttt: TTTConfig,
-                   audit: LegalityAudit | None = None, record: TargetRecord | None = None) -> EvalResult:
+                   audit: LegalityAudit | None = None, record: TargetRecord | None = None,
+                   stop_after: int = sys.maxsize) -> EvalResult:
     """Score-then-update over the chunks [bounds[i], bounds[i+1]): score every target of the chunk, THEN extend the
     cache with it, THEN learn from it (online gate, TTT). `cache` must start empty (it is identical on all ranks);
     nothing of a chunk reaches the cache or the weights before it is scored."""
@@ -906,6 +960,7 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
         # Dense zero grads on every rank, even one without sequences in a chunk, so the all-reduce always matches.
         p.grad = torch.zeros_like(p) if optimizer else None
     sums = torch.zeros(4, dtype=torch.float64, device=device)
+    setup.times_scored = torch.zeros(len(tokens), dtype=torch.int8, device=device)
     time_ms = dict(score=0.0, cache=0.0, gate=0.0, ttt=0.0)
     setup.model.eval()
 
@@ -921,7 +976,7 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
     n_learn = len(bounds) - 2  # the last chunk is never learned from
     for i, (first, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         sums += timed("score", score_span, setup, first, end, cache, audit, record, online_gate)
-        if i == n_learn:
+        if i == n_learn or end > stop_after:
             break  # nothing is left to score, so the last chunk need not be learned from
         if cache is not None:
             timed("cache", cache.extend, tokens[cache.num_tokens:end])
@@ -935,6 +990,7 @@ def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | Non
         time_ms["audit"] = audit.time_ms
     time_ms["total"] = sum(time_ms.values())
     neural_nll, nll, n_bytes, n_tokens = all_reduce(sums).tolist()
+    check_scored_once(setup, end, n_bytes)
     for tensor in (record.nll, record.neural_nll, record.weights) if record is not None else ():
         all_reduce(tensor)  # every target was written by exactly one rank, the others hold zeros there
     return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
@@ -1241,6 +1297,13 @@ def start_run(args: Hyperparameters) -> Run:
     tokenizer_sha = hashlib.sha256(Path(args.tokenizer_path).read_bytes()).hexdigest()
     run.log(f"tokenizer path:{args.tokenizer_path} vocab_size:{args.vocab_size} sha256:{tokenizer_sha}")
     run.log(f"val_tokens:{len(run.val_tokens)} scored_targets:{len(run.val_tokens) - 1}")
+    if args.val_replace_after >= 0:
+        if args.val_replace_after > len(run.val_tokens) - 3:
+            raise ValueError(f"VAL_REPLACE_AFTER={args.val_replace_after} must leave a target to replace: at most "
+                             f"{len(run.val_tokens) - 3} for {len(run.val_tokens)} val tokens")
+        generator = torch.Generator(device=device).manual_seed(args.val_replace_after)
+        run.val_tokens = replace_tokens_from(run.val_tokens, args.val_replace_after + 1, generator, args.vocab_size)
+        run.log(f"val_replaced_after:{args.val_replace_after} (a causality proof: later targets' scores mean nothing)")
     torch.manual_seed(args.seed)  # the only generator a run draws from (Python's and numpy's are unused)
     return run
 
@@ -1439,9 +1502,53 @@ def write_artifact(run: Run, trainer: Trainer) -> Path:
     return run.artifact_path
 
 
+def proof_target(bounds: list[int], generator: torch.Generator) -> int:
+    """K of the inline causality proof: in the second or third chunk, the first scored after learning (the first
+    chunk if it is the only one), half the time at the chunk's first target, else anywhere in it."""
+    chunk = min(len(bounds) - 2, 1 + int(torch.randint(2, (1,), generator=generator)))
+    first, end = bounds[chunk], bounds[chunk + 1]
+    after = int(torch.randint(first, end, (1,), generator=generator))
+    at_edge = bool(torch.rand(1, generator=generator) < 0.5)
+    return min(first if at_edge else after, bounds[-1] - 2)
+
+
+def final_pass(run: Run, setup: EvalSetup, bounds: list[int], audit: LegalityAudit, record: TargetRecord | None,
+               seed: int) -> tuple[EvalResult, float]:
+    """The scored pass with the cache, the online gate and TTT, preceded by its inline causality proof: the same
+    evaluation, from the artifact's weights, of the chunks up to a fresh target K on the val stream with every
+    token after K replaced. Every loss up to K must match the scored pass's: nothing learned from a later token
+    (through any state, however it was recorded) may reach them. Returns (result, the proof's time in ms)."""
+    args = run.args
+    ttt = TTTConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
+                    args.ttt_grad_clip, args.ngram_gate_eval_steps, args.ngram_gate_eval_lr)
+    n_weights = 1 + args.ngram_experts if args.ngram_orders else 0
+    after = proof_target(bounds, torch.Generator().manual_seed(seed))
+    val_tokens, initial = setup.tokens, {k: v.clone() for k, v in setup.model.state_dict().items()}
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    setup.tokens = replace_tokens_from(val_tokens, after + 1, generator, args.vocab_size)
+    replaced = TargetRecord(after, n_weights, run.device)
+    proof = eval_ngram_ttt(setup, bounds, eval_cache(args, run.device), ttt, None, replaced, stop_after=after)
+    setup.tokens, setup.ttt_trained_until = val_tokens, 0
+    setup.model.load_state_dict(initial)
+    kept = record if record is not None else TargetRecord(after, n_weights, run.device)
+    # A fresh cache: the training-time tables are never consulted at evaluation.
+    result = eval_ngram_ttt(setup, bounds, eval_cache(args, run.device), ttt, audit, kept)
+    difference = kept.first_difference(replaced, after, exact=run.device.type != "cuda")
+    run.log(f"causality_proof after:{after} targets:{after} identical:{difference is None}")
+    if difference is not None:
+        raise CausalityViolation(f"target {difference[0]}'s score changed by {difference[1]:.3e} when every val "
+                                 f"token after {after} was replaced: it depends on later tokens")
+    return result, proof.time_ms["total"]
+
+
+def eval_cache(args: Hyperparameters, device: torch.device) -> NgramTables | None:
+    return NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=device) if args.ngram_orders else None
+
+
 def evaluate_artifact(run: Run, path: Path) -> None:
     """Score the artifact as submitted: its size against the cap, the reloaded model alone (sliding windows), then
-    with the n-gram cache and TTT (score-then-update) under the legality audit; EVAL_DUMP writes the final pass."""
+    with the n-gram cache and TTT (score-then-update). The final pass runs under the legality audit and the
+    causality proof; a failed check logs LEGALITY_AUDIT_FAILED and exits 4. EVAL_DUMP writes the final pass."""
     args = run.args
     model_bytes, quant = path.stat().st_size, artifact_label(load_artifact(path))
     run.log(f"Serialized model {quant}: {model_bytes} bytes")
@@ -1452,31 +1559,33 @@ def evaluate_artifact(run: Run, path: Path) -> None:
         sys.exit(3)
     # A fresh model from the artifact's bytes alone: the score is that of what would be submitted.
     setup = build_eval_setup(run, model_from_artifact(args, path, run.device), args.eval_stride)
-    final_pass = bool(args.ngram_orders or args.ttt)
+    final = bool(args.ngram_orders or args.ttt)
     n_weights = 1 + args.ngram_experts if args.ngram_orders else 0
     record = TargetRecord(len(run.val_tokens) - 1, n_weights, run.device) if args.eval_dump else None
+    bounds = chunk_bounds(len(run.val_tokens), args.eval_chunk_tokens)
+    # Drawn after training, from the OS unless AUDIT_SEED reproduces a logged audit.
+    seed = args.audit_seed or fresh_seed(run.device)
+    audit = LegalityAudit.sampled(run.val_tokens, bounds, run.bos_id, args.audit_positions, seed)
     run.sync()
-    result = eval_val(setup, None if final_pass else record)
-    run.log(f"final_{quant}_roundtrip val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-            f"eval_time:{result.time_ms['total']:.0f}ms")
-    run.log(f"final_{quant}_roundtrip_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
-    if final_pass:
-        roundtrip_ms = result.time_ms["total"]
-        # A fresh cache: the training-time tables are never consulted at evaluation.
-        cache = NgramTables(args.vocab_size, (1,) + args.ngram_orders, device=run.device) if args.ngram_orders else None
-        audit = LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device) \
-            if args.ngram_orders else None
-        ttt = TTTConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
-                        args.ttt_grad_clip, args.ngram_gate_eval_steps, args.ngram_gate_eval_lr)
-        result = eval_ngram_ttt(setup, chunk_bounds(len(run.val_tokens), args.eval_chunk_tokens), cache, ttt,
-                                audit, record)
-        if result.audit is not None:
-            run.log(audit_line(result.audit))
-            if audit_fails(result.audit):
-                run.log("LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1, does not match its score, "
-                        "or depends on later tokens")
-                sys.exit(4)
-        times = {"roundtrip": roundtrip_ms, **result.time_ms, "total": result.time_ms["total"] + roundtrip_ms}
+    try:
+        result = eval_val(setup, None if final else record, None if final else audit)
+        run.log(f"final_{quant}_roundtrip val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+                f"eval_time:{result.time_ms['total']:.0f}ms")
+        run.log(f"final_{quant}_roundtrip_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+        if final:
+            roundtrip_ms = result.time_ms["total"]
+            result, proof_ms = final_pass(run, setup, bounds, audit, record, seed)
+    except CausalityViolation as violation:
+        run.log(f"LEGALITY_AUDIT_FAILED: {violation}")
+        sys.exit(4)
+    run.log(audit_line(result.audit) + f" seed:{seed}")
+    failures = audit_failures(result.audit, audit)
+    if failures:
+        run.log("LEGALITY_AUDIT_FAILED: " + "; ".join(failures))
+        sys.exit(4)
+    if final:
+        times = {"roundtrip": roundtrip_ms, **result.time_ms, "proof": proof_ms}
+        times["total"] = times.pop("total") + roundtrip_ms + proof_ms
         run.log("eval_time " + " ".join(f"{k}:{v:.0f}ms" for k, v in times.items()))
         run.log(f"final_ngram_ttt val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
                 f"neural_val_loss:{result.neural_val_loss:.4f}")

@@ -1,4 +1,4 @@
-"""analysis/layer_routing.py: Dynamic Layer Routing (DLR, shared/seeds/002_dlr.txt) on a train_gpt.py artifact.
+"""analysis/layer_routing.py: Dynamic Layer Routing (DLR, github.com/N0AHZACH/Research) on a train_gpt.py artifact.
 
 A light token-level router reads the residual stream after the first K always-kept layers and decides, per token
 and per later layer, whether that layer runs for the token. It is trained with a binary Gumbel-softmax
@@ -15,17 +15,17 @@ never reads it). The masked path is the dense reference and the training path: e
 attention keys are restricted to kept tokens (a skipped query also sees itself, which gives the STE its
 counterfactual "what if kept" output), and skipped tokens' outputs are replaced by their inputs.
 
-The model's own layer loop runs unchanged (GPT.hidden: U-net skips, and whatever later branches add): a routed copy
+The model's own layer loop runs unchanged (GPT.hidden: U-net skips, depth recurrence): a routed copy
 of the model has each block from K on replaced by a wrapper that calls the original block, forwarding all
-positional args. A block that runs twice in one forward (depth recurrence) gets the same decision both times; a
-per-loop decision is not built because the model on this branch has no recurrence.
+positional args. A block that runs more than once in one forward (depth recurrence, NUM_LOOPS) gets the same
+decision on every pass: a per-loop decision is not built.
 
 Baselines at equal average compute: the best static layer-drop mask (greedy search on held-out train tokens),
 random per-token skipping at the DLR router's per-layer rates, and a stochastic-depth fine-tune (the backbone is
 fine-tuned by KD under random per-token skipping at the target rate, then scored with random skipping at that rate).
 
 Run (sample model, 2 CPU cores; the config fills the env vars not already set, as train_gpt.py reads them):
-  OMP_NUM_THREADS=2 python analysis/layer_routing.py /work/artifacts/sample/final_model.sample_base.ptz --out /tmp/dlr
+  OMP_NUM_THREADS=2 python analysis/layer_routing.py final_model.<RUN_ID>.ptz --out /tmp/dlr
 Writes DIR/layer_routing.json, DIR/layer_routing.png and DIR/layer_routing.md (the tables).
 """
 from __future__ import annotations

@@ -3,10 +3,9 @@ frozen-backbone multi-token prediction (MTP), and the same idea for the mixer's 
 
   python analysis/probe_route.py ARTIFACT --out DIR [--seeds 3] [--train-tokens N] [--val-tokens N] [--top-m M]
 
-Method: ProbeRoute (Uyar 2026, github.com/aliuyar1234/proberoute, ../shared/seeds/000_proberoute.txt). The
-backbone is never unfrozen: every row of GPT.layer_states (each virtual layer under depth recurrence) is computed
-once, normalized as the final layer is (model.final_norm), and everything below trains small heads on those
-frozen features.
+Method: ProbeRoute (Uyar 2026, github.com/aliuyar1234/proberoute). The backbone is never unfrozen: every row of
+GPT.layer_states (each virtual layer under depth recurrence) is computed once, normalized as the final layer is
+(model.final_norm), and everything below trains small heads on those frozen features.
 1. Probe map: per layer l and horizon h = 1..4, a softmax linear probe from the state at t-1 (the one that scores
    target t) to token t-1+h, fitted on the first N train tokens, scored on the first M val tokens: top-1, top-5,
    NLL.

@@ -1,6 +1,9 @@
 """Stronger valid experts on the sample val stream (1,040,059 targets): one table of BPB, hit rates, memory.
 
-  nice -n 10 python bench/experts_bench.py [--artifact PATH] [--neural-cache PATH]    # ~18 min on 2 shared cores
+  nice -n 10 python bench/experts_bench.py --artifact A.ptz --weak-artifact W.ptz    # ~18 min on 2 shared cores
+
+A.ptz: a train_gpt.py artifact of configs/sample_cpu.env (200 steps); W.ptz: the same config stopped early
+(30-60 steps). Their per-target neural scores are cached beside each artifact (--neural-cache, --weak-cache).
 
 Rows: n-gram caches alone (no neural model, every token p > 0), then mixtures with the sample model's per-target
 neural probabilities. Every BPB is sum NLL / (ln 2 * sum bytes) over the same 1,040,059 targets, from normalized
@@ -8,8 +11,8 @@ distributions; bytes from train_gpt's build_byte_luts / count_target_bytes.
   chunk-granular: the cache holds only earlier 16,384-token chunks (EVAL_CHUNK_TOKENS of configs/sample_cpu.env);
   every-token:    the cache plus the chunk's own earlier tokens (NgramTables.counts), i.e. every token before t;
                   the bench checks that the chunked library path gives the same counts as one whole-stream call.
-Fitted parameters (the backoff epsilon of today's experts, discounts, the fixed lambda, the gate) are chosen on
-the first 20% of targets; BPB is reported on all targets and on the last 80%. 95% intervals are paired
+Fitted parameters (the backoff epsilon of the unsmoothed ML experts, discounts, the fixed lambda, the gate) are
+chosen on the first 20% of targets; BPB is reported on all targets and on the last 80%. 95% intervals are paired
 bootstrap intervals over documents (a document starts at each BOS id 1), scipy.stats.bootstrap.
 The neural per-target NLL (and the entropy / max log-prob the bench gate reads) comes from train_gpt's sliding
 windows (TRAIN_SEQ_LEN / EVAL_STRIDE of configs/sample_cpu.env), computed once and cached in --neural-cache.
@@ -30,7 +33,6 @@ sys.path.insert(0, str(REPO))
 import devkit  # noqa: E402
 import ngram_mixer as nm  # noqa: E402
 
-ARTIFACTS = Path("/work/artifacts/sample")
 CHUNK = 16384
 FIT_FRACTION = 0.2
 # the weak model's slices: the first 131,072 val tokens (VAL_MAX_TOKENS of configs/sample_cpu.env), in 4 quarters
@@ -79,7 +81,7 @@ def neural_per_target(tg, artifact: Path, cache_path: Path, max_tokens: int = 0)
 
 def target_counts(tokens, orders, chunk_granular):
     """ExpertCounts [K, N-1] at targets 1..N-1 of the val stream. chunk_granular: the cache holds only earlier
-    CHUNK-token chunks (today's evaluation); else every earlier token, in one whole-stream call."""
+    CHUNK-token chunks (the chunk-granular cache); else every earlier token, in one whole-stream call."""
     tables = nm.NgramTables(1024, orders)
     if not chunk_granular:
         return tables.counts(tokens, torch.arange(1, len(tokens)), chunk_start=0)
@@ -104,9 +106,10 @@ def chunked_every_token_counts(tokens, orders):
 
 
 def today_probs(counts, orders, min_count, epsilon):
-    """Today's experts as a cache alone: the maximum-likelihood distribution of the longest order (2..7) whose
-    context was seen >= min_count times, mixed with weight epsilon with the add-one unigram of the cache (which
-    alone is used where no order is valid), so every token keeps p > 0. float64 [P]. orders must start at 1."""
+    """The unsmoothed ML experts (printed as "today's experts") as a cache alone: the maximum-likelihood
+    distribution of the longest order (2..7) whose context was seen >= min_count times, mixed with weight epsilon
+    with the add-one unigram of the cache (which alone is used where no order is valid), so every token keeps
+    p > 0. float64 [P]. orders must start at 1."""
     unigram = (counts.pair[0].double() + 1) / (counts.context[0].double() + 1024)
     ml = unigram.clone()
     for k in range(1, len(orders)):
@@ -161,14 +164,29 @@ def paired_interval(doc, nll_a, nll_b, n_bytes):
     return diff(*per_doc), res.confidence_interval.low, res.confidence_interval.high
 
 
+def neural_cache_path(artifact: Path) -> Path:
+    """Where the per-target neural scores of `artifact` are cached: beside it, named after its run id."""
+    return artifact.with_name(f"neural_per_target.{artifact.stem.removeprefix('final_model.')}.npz")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", type=Path, default=ARTIFACTS / "final_model.sample_base.ptz")
-    parser.add_argument("--neural-cache", type=Path, default=ARTIFACTS / "neural_per_target.sample_base.npz")
-    parser.add_argument("--weak-artifact", type=Path, default=ARTIFACTS / "weak" / "final_model.weak45.ptz",
+    parser.add_argument("--artifact", type=Path, required=True,
+                        help="final_model.<RUN_ID>.ptz of a configs/sample_cpu.env run (200 steps)")
+    parser.add_argument("--neural-cache", type=Path, default=None,
+                        help="default: neural_per_target.<RUN_ID>.npz beside --artifact")
+    parser.add_argument("--weak-artifact", type=Path, required=True,
                         help="a model of 30-60 training steps, scored on the first WEAK_TOKENS val tokens")
-    parser.add_argument("--weak-cache", type=Path, default=ARTIFACTS / "neural_per_target.weak45.npz")
+    parser.add_argument("--weak-cache", type=Path, default=None,
+                        help="default: neural_per_target.<RUN_ID>.npz beside --weak-artifact")
     args = parser.parse_args()
+    args.neural_cache = args.neural_cache or neural_cache_path(args.artifact)
+    args.weak_cache = args.weak_cache or neural_cache_path(args.weak_artifact)
+    # A cached model needs no artifact; otherwise fail here, not after minutes of counting.
+    for option, artifact, cache in (("--artifact", args.artifact, args.neural_cache),
+                                    ("--weak-artifact", args.weak_artifact, args.weak_cache)):
+        if not (artifact.is_file() or cache.is_file()):
+            parser.error(f"{option} {artifact}: no such file (and no cached scores at {cache})")
     torch.set_num_threads(1)
     tg = load_train_gpt()
     tokens = torch.from_numpy(np.fromfile(devkit.SAMPLE_VAL_SHARD, dtype="<u2", offset=1024).astype(np.int64))

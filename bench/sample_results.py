@@ -58,7 +58,7 @@ def main():
         setup.ttt_trained_until = 0
         audit = None
         if cache is not None:
-            audit = tg.LegalityAudit.sampled(len(run.val_tokens), args.audit_positions, args.seed, run.device)
+            audit = tg.LegalityAudit.sampled(run.val_tokens, bounds, run.bos_id, args.audit_positions, args.seed)
         record = tg.TargetRecord(len(run.val_tokens) - 1, 1 + args.ngram_experts, run.device)
         ttt = tg.TTTConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip,
                            gate_steps, args.ngram_gate_eval_lr)
@@ -67,7 +67,7 @@ def main():
         return result
 
     def audit_text(stats):
-        return f"{max(stats[1:]):.1e}" + (" (FAILS)" if tg.audit_fails(stats) else "")
+        return f"{max(stats[1:]):.1e}" + (" (FAILS)" if tg.audit_failures(stats) else "")
 
     cache_only = rescore("cache", NgramTables(args.vocab_size, (1,) + args.ngram_orders), 0)
     ttt_only = rescore("ttt", None, args.ttt_epochs)
@@ -75,7 +75,7 @@ def main():
     # (the gate as trained: learning from scores that are not probabilities would only add noise to the contrast)
     invalid = rescore("pr834_invalid", BucketedTables(args.vocab_size, args.ngram_orders, buckets=1 << 20), 0, 0)
     full_audit = (audit["positions"], audit["max_abs_sum_err"], audit["max_gold_logp_err"],
-                  audit["max_future_logp_delta"])
+                  audit["max_rescore_logp_delta"])
     rows = [(f"neural only (round-tripped {quant} artifact, sliding windows)", neural["val_loss"],
              neural["val_bpb"], "-"),
             ("+ TTT (no cache)", ttt_only.val_loss, ttt_only.val_bpb, "-"),

@@ -9,8 +9,8 @@ dump it scores, on the same targets:
   fixed lambda      lambda * p_model + (1 - lambda) * p_cache, with p_model the dump's neural probability of the
                     target (after TTT if the run used it) and one lambda fitted on the first 20% of the targets;
 and prints BPB over all targets, over the last 80%, per slice, and the paired bootstrap interval (over documents,
-records/compare.py) of the full system minus each. These are the issue's baselines ("never worse than a simple
-mixture", and on a weak model never worse than the classical cache alone).
+records/compare.py) of the full system minus each. These are the two baselines a valid mixer should beat: the
+simplest valid mixture, and on a weak model the classical cache alone.
 """
 import argparse
 import math

@@ -1,11 +1,12 @@
 """Download the challenge's pre-tokenized FineWeb shards and tokenizer from the Hugging Face Hub.
 
-    python data/download.py                       # sp1024: val shard + 80 train shards (~16 GB) + tokenizer
-    python data/download.py --train-shards 1      # smoke test: val + one train shard (~330 MB)
+    python data/download.py --variant sp8192      # what train_gpt.py's defaults read: val + 80 train shards
     python data/download.py --variant sp8192 --train-shards 10   # community sp8192 export (see VARIANTS)
+    python data/download.py                       # sp1024 (configs/baseline_2024.env): val + 80 shards (~16 GB)
+    python data/download.py --train-shards 1      # smoke test: sp1024 val + one train shard (~330 MB)
 
 Files land in data/datasets/fineweb10B_<variant>/ and data/tokenizers/ (or under --out-dir), the layout
-train_gpt.py's defaults read. The remote repo keeps them under a doubled prefix, e.g.
+train_gpt.py reads (its defaults: the sp8192 folders). The remote repo keeps them under a doubled prefix, e.g.
 datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin and datasets/tokenizers/fineweb_1024_bpe.model,
 as the challenge's data/cached_challenge_fineweb.py expects.
 

@@ -11,7 +11,7 @@ with --non-record): README.md, submission.json, train_seed<SEED>.log per seed, c
 ngram_mixer.py and requirements.txt from the repo root, and loss.png. It refuses (exit 1, each reason naming its
 log) when, on either track: a log lacks its final exact line, its tokenizer line or its model_params line, an
 artifact exceeds 16,000,000 bytes, the seeds ran different code, tokenizers, val sets or settings, a seed repeats,
-the legality audit is missing, failed or predates the causal audit where the n-gram mixer ran, the repo's code is
+the legality audit is missing, failed or predates the re-score audit, the repo's code is
 not the code the logs ran, or the destination exists; and, on the record track (no --non-record), when training
 or evaluation took over 600 s, a log is not world_size:8 on H100s, not VAL_MAX_TOKENS=0 or did not score every
 val target, there are fewer than 3 seeds, --sota-val-bpb is missing, or the mean val_bpb is not below it by the
@@ -102,6 +102,8 @@ def check_runs(runs: list[RunLog], non_record: bool) -> list[str]:
                 bad("no evaluation time line")
         elif not non_record and run.eval_time_ms > TIME_CAP_MS:
             bad(f"evaluation took {run.eval_time_ms / 1000:.3f} s > 600 s (use --non-record)")
+        if run.ngram_orders is None:
+            bad("no 'model_params:.. ngram_orders:[..]' line: cannot tell whether the n-gram mixer ran")
         problems += [f"{run.path}: {reason}" for reason in audit_problems(run)]
 
     def differ(what: str, value) -> None:
@@ -125,21 +127,31 @@ def check_runs(runs: list[RunLog], non_record: bool) -> list[str]:
 
 
 def audit_problems(run: RunLog) -> list[str]:
-    """Why this log's legality audit does not prove its scores valid; empty when it does or the mixer was off."""
-    if run.ngram_orders is None:
-        return ["no 'model_params:.. ngram_orders:[..]' line: cannot tell whether the n-gram mixer ran"]
-    if not run.mixer_ran:
-        return []
+    """Why this log's legality audit does not prove its scores valid; empty when it does. Every final pass is
+    audited, with or without the mixer."""
     if run.audit_failed:
-        return ["LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1, does not match its score or "
-                "depends on later tokens"]
+        return ["LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1, does not match its score, or "
+                "depends on its target or later tokens, or a learner saw a target before it was scored"]
     if run.audit is None:
-        if run.audit_pre_causal:
-            return ["audit line predates the causal audit (legality_audit .. max_gold_err:.., without "
-                    "max_future_logp_delta): rerun with the current train_gpt.py"]
-        return [f"the n-gram mixer ran (ngram_orders:{list(run.ngram_orders)}) but there is no legality_audit line"]
+        if run.audit_old_format:
+            return ["audit line predates the re-score audit (no max_rescore_logp_delta: the target itself was never "
+                    "replaced): rerun with the current train_gpt.py"]
+        return ["there is no legality_audit line"]
     failures = run.audit.failures()
     return [f"legality audit failed: {', '.join(failures)}"] if failures else []
+
+
+def causality_proof_problems(path: Path, runs: list[RunLog]) -> list[str]:
+    """Why records/prove_causality.py's JSON at `path` does not back these runs; empty when it does."""
+    try:
+        proof = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        return [f"{path}: not a readable causality proof ({error})"]
+    problems = [] if proof.get("passed") is True else [
+        f"{path}: the causality proof failed (first difference: {proof.get('first_difference')})"]
+    if proof.get("code_sha256") != runs[0].code_sha256:
+        problems.append(f"{path}: proved code_sha256 {proof.get('code_sha256')}, the logs ran {runs[0].code_sha256}")
+    return problems
 
 
 def record_track_problems(runs: list[RunLog], sota_val_bpb: float | None) -> list[str]:
@@ -264,6 +276,13 @@ def command_text(run: RunLog, seeds: list[int]) -> str:
                                     f"--nproc_per_node={run.world_size or 1} train_gpt.py"]) + "\ndone")
 
 
+def proof_sentence(path: Path) -> str:
+    proof = json.loads(Path(path).read_text())
+    return (f"Causality proof (`records/prove_causality.py`, `causality_proof.json`): with every val token after "
+            f"{proof['after']:,} replaced by a random id, all {proof['targets_compared']:,} losses up to it stayed "
+            f"bit-identical ({proof['world_size']} process(es), artifact sha256 `{proof['artifact_sha256']}`).")
+
+
 def readme_text(runs: list[RunLog], args: argparse.Namespace, track: str) -> str:
     first, losses, bpbs = runs[0], [r.val_loss for r in runs], [r.val_bpb for r in runs]
     rows = [f"| {r.seed} | {r.val_loss:.8f} | {r.val_bpb:.8f} | {r.steps} | {r.step_avg_ms:.2f} ms | "
@@ -275,7 +294,7 @@ def readme_text(runs: list[RunLog], args: argparse.Namespace, track: str) -> str
     rows.append("| mean ± std | " + " | ".join(means) + " |")
     audits = [f"- seed {r.seed}: `legality_audit positions:{r.audit.positions} max_abs_sum_err:"
               f"{r.audit.max_abs_sum_err:.3e} max_gold_logp_err:{r.audit.max_gold_logp_err:.3e} "
-              f"max_future_logp_delta:{r.audit.max_future_logp_delta:.3e}`" for r in runs if r.mixer_ran]
+              f"max_rescore_logp_delta:{r.audit.max_rescore_logp_delta:.3e} seed:{r.audit.seed}`" for r in runs]
     byline = f"Author: {args.author}" + (f" (@{args.github_id})" if args.github_id else "")
     what = (f"{len(runs)} seed(s) of `train_gpt.py` on {first.world_size} process(es) "
             f"({first.hardware or 'hardware not logged'}); n-gram mixer {'on' if first.mixer_ran else 'off'}, "
@@ -298,8 +317,9 @@ def readme_text(runs: list[RunLog], args: argparse.Namespace, track: str) -> str
         *rows, "",
         "Train time includes the n-gram prefill; eval time is the roundtrip eval plus the n-gram/TTT pass. "
         f"Code: {first.bytes_code:,} bytes (train_gpt.py + ngram_mixer.py), code_sha256 `{first.code_sha256}`.", "",
-        *(["Legality audit (at sampled targets the rebuilt distribution sums to 1, matches the score and does not "
-           "change when later tokens change):", *audits, ""] * bool(audits)),
+        *(["Legality audit (at sampled targets, re-scored with the target and every later token replaced, the "
+           "distribution sums to 1, gives the logged score and does not move):", *audits, ""] * bool(audits)),
+        *([proof_sentence(args.causality_proof), ""] if args.causality_proof else []),
         "![val_bpb against training time](loss.png)", "",
         "## Command", "",
         "Every hyperparameter as logged; run from inside this folder:", "",
@@ -367,6 +387,8 @@ def write_record(runs: list[RunLog], args: argparse.Namespace, dest: Path, track
             shutil.copyfile(run.path, tmp / f"train_seed{run.seed}.log")
         for name in COPIED_FILES:
             shutil.copyfile(REPO_ROOT / name, tmp / name)
+        if args.causality_proof:
+            shutil.copyfile(args.causality_proof, tmp / "causality_proof.json")
         (tmp / "submission.json").write_text(json.dumps(submission(runs, args, track), indent=2) + "\n")
         (tmp / "README.md").write_text(readme_text(runs, args, track))
         plot_loss(runs, tmp / "loss.png", args.name)
@@ -408,6 +430,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--non-record", action="store_true",
                         help="file under track_non_record_16mb: skip the 600 s limits, 8xH100, full-val, seed-count "
                              "and significance requirements")
+    parser.add_argument("--causality-proof", type=Path, default=None,
+                        help="records/prove_causality.py's causality_proof.json for one of these runs' artifacts")
     parser.add_argument("--out-root", type=Path, default=REPO_ROOT / "records",
                         help="folder holding the track folders (default: this repo's records/)")
     args = parser.parse_args(argv)
@@ -424,6 +448,8 @@ def main(argv: list[str] | None = None) -> Path:
     if len(shas) == 1 and None not in shas and repo_sha != runs[0].code_sha256:
         problems.append(f"{REPO_ROOT}: train_gpt.py + ngram_mixer.py hash to {repo_sha}, not the "
                         f"code_sha256 {runs[0].code_sha256} the logs ran: package from the code that ran")
+    if args.causality_proof:
+        problems += causality_proof_problems(args.causality_proof, runs)
     track = NON_RECORD_TRACK if args.non_record else RECORD_TRACK
     dest = args.out_root / track / folder_name(args.date, args.name)
     if dest.exists():

@@ -1,5 +1,6 @@
-"""The legality audit against planted bugs: each one that could make a score better than the truth must fail the
-audit or stop the run. The honest evaluation must pass with its causal deltas exactly 0.
+"""The legality audit against planted leaks, one class each: every scheme that could make a score better than the
+truth must fail the audit or stop the evaluation, with a message that names what was seen. The honest evaluation
+passes with its re-score delta exactly 0. Plants replace functions by name (monkeypatch), never by line.
 
 Run:  python -m pytest -q tests/test_audit.py
 """
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 import train_gpt as tg
-from ngram_mixer import DocumentCache, NgramTables
+from ngram_mixer import CausalityViolation, DocumentCache, LegalityAudit, NgramTables, replace_tokens_from
 from test_mixer_eval import ORDERS, mixer_model
 from test_train_gpt import make_setup
 
 AUDITED = torch.arange(150, 768, 13)
+CHUNK = 96
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +33,145 @@ def audit_model(document_order=0):
     return model
 
 
-def evaluate(tokens, cache=None, ttt_epochs=1, document=None):
+def evaluate(tokens, cache=None, ttt_epochs=1, document=None, gate_steps=4, positions=AUDITED):
     setup = make_setup(audit_model(len(document.orders) if document else 0), tokens, 32, 8)
     setup.min_count, setup.document = 1, document
     cache = NgramTables(1024, (1,) + ORDERS) if cache is None else cache
-    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0, gate_steps=4, gate_lr=0.05)
-    return tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(tokens), 96), cache, ttt, tg.LegalityAudit(AUDITED, 0))
+    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0, gate_steps=gate_steps, gate_lr=0.05)
+    return tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(tokens), CHUNK), cache, ttt, LegalityAudit(positions, 0))
 
 
-def test_honest_evaluation_passes_with_exact_causal_deltas(tokens):
+def failed(result, statistic):
+    """The audit's failure messages, asserting that `statistic` is among the failed checks."""
+    failures = tg.audit_failures(result.audit)
+    assert any(message.startswith(statistic) for message in failures), failures
+    return failures
+
+
+def test_honest_evaluation_passes_with_an_exact_rescore(tokens):
     result = evaluate(tokens)
-    count, sum_err, gold_err, future_delta = result.audit
-    assert count == len(AUDITED) and not tg.audit_fails(result.audit)
-    assert sum_err < 1e-6 and gold_err < 1e-6 and future_delta == 0.0
+    count, sum_err, gold_err, rescore_delta = result.audit
+    assert count == len(AUDITED) and tg.audit_failures(result.audit) == []
+    assert sum_err < 1e-6 and gold_err < 1e-6 and rescore_delta == 0.0
+
+
+def test_honest_document_cache_passes(tokens):
+    result = evaluate(tokens, document=DocumentCache(1024, bos_id=1, max_order=3))
+    assert tg.audit_failures(result.audit) == [] and result.audit[3] == 0.0
+
+
+def test_replaced_tokens_all_differ(tokens):
+    replaced = replace_tokens_from(tokens, 100, torch.Generator().manual_seed(0), 1024)
+    assert torch.equal(replaced[:100], tokens[:100]) and bool((replaced[100:] != tokens[100:]).all())
+    assert int(replaced.max()) < 1024 and int(replaced.min()) >= 0
+
+
+# ----- the scored token reaching its own score -----
+
+def test_model_reading_the_token_it_predicts_fails(tokens, monkeypatch):
+    """SmearGate-style: the hidden state at t - 1 mixes in the embedding of x_t, the token it predicts."""
+    honest = tg.GPT.hidden
+
+    def peeks(self, input_ids):
+        ahead = torch.cat((input_ids[:, 1:], input_ids[:, -1:]), dim=1)
+        return honest(self, input_ids) + 0.5 * self.tok_emb(ahead)
+
+    monkeypatch.setattr(tg.GPT, "hidden", peeks)
+    failures = failed(evaluate(tokens, ttt_epochs=0), "max_rescore_logp_delta")
+    assert "reads them" in failures[-1]
+
+
+def test_gold_logit_boost_in_every_pass_fails(tokens, monkeypatch):
+    """+1 on the gold token's logit, renormalized: a full distribution, in every pass the audit's included."""
+    honest = tg.forward_windows
+
+    def boosted(setup, stream, *windows):
+        positions, h, log_probs = honest(setup, stream, *windows)
+        boost = torch.nn.functional.one_hot(stream[positions], log_probs.size(1))
+        return positions, h, (log_probs + boost).log_softmax(-1)
+
+    monkeypatch.setattr(tg, "forward_windows", boosted)
+    failed(evaluate(tokens, ttt_epochs=0), "max_rescore_logp_delta")
+
+
+def test_expert_counting_its_own_target_fails(tokens):
+    """A document cache that counts the target's occurrence at t, as if its window ended after t."""
+
+    class CountsItsTarget(DocumentCache):
+        def counts(self, stream, positions, targets):
+            context, pair = super().counts(stream, positions, targets)
+            return context + 1, pair + (stream[positions] == targets).long()
+
+    result = evaluate(tokens, ttt_epochs=0, document=CountsItsTarget(1024, bos_id=1, max_order=3))
+    failed(result, "max_gold_logp_err")
+
+
+def test_gold_only_probability_bump_under_the_old_tolerance_fails(tokens, monkeypatch):
+    """+9e-5 probability on the token the val stream holds at t (the old 1e-4 sum limit let it through)."""
+    honest = tg.mix
+
+    def bumped(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
+        lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
+        gold = stream[positions] if targets is None else targets
+        return torch.where(gold == stream[positions], torch.log(lp.double().exp() + 9e-5).float(), lp), weights
+
+    monkeypatch.setattr(tg, "mix", bumped)
+    failures = tg.audit_failures(evaluate(tokens, ttt_epochs=0).audit)
+    assert {m.split(":")[0] for m in failures} >= {"max_abs_sum_err", "max_gold_logp_err"}, failures
+
+
+# ----- a scored pass that differs from the rule the audit re-runs -----
+
+def test_scored_pass_only_boost_fails(tokens, monkeypatch):
+    """+1e-4 nats on the scored gold only (the call without candidates): not even a distribution any more."""
+    honest = tg.mix
+
+    def scored_only(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
+        lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
+        return (lp + 1e-4 if targets is None else lp), weights
+
+    monkeypatch.setattr(tg, "mix", scored_only)
+    failed(evaluate(tokens, ttt_epochs=0), "max_gold_logp_err")
+
+
+def test_neural_boost_on_the_val_stream_only_fails(tokens, monkeypatch):
+    """A neural boost that fires only when the forward reads the val stream itself, not a re-run's copy."""
+    honest = tg.forward_windows
+
+    def on_val_only(setup, stream, *windows):
+        positions, h, log_probs = honest(setup, stream, *windows)
+        if stream is setup.tokens:
+            boost = 0.3 * torch.nn.functional.one_hot(stream[positions], log_probs.size(1))
+            log_probs = (log_probs + boost).log_softmax(-1)
+        return positions, h, log_probs
+
+    monkeypatch.setattr(tg, "forward_windows", on_val_only)
+    failed(evaluate(tokens, ttt_epochs=0), "max_rescore_logp_delta")
+
+
+def test_rare_scored_pass_only_boost_fails(tokens, monkeypatch):
+    """+1e-4 nats at 1% of targets (t % 101 == 0) in the scored pass: the re-run of an audited batch compares
+    every earlier target of the batch, so the audited targets need not hit the leaky ones."""
+    honest = tg.mix
+
+    def rare(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
+        lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
+        return (torch.where(positions % 101 == 0, lp + 1e-4, lp) if targets is None else lp), weights
+
+    monkeypatch.setattr(tg, "mix", rare)
+    # three audited targets, none leaky, each a few targets after a leaky one in the same batch of 24
+    audited = torch.tensor([210, 407, 610])
+    failed(evaluate(tokens, ttt_epochs=0, positions=audited), "max_rescore_logp_delta")
+
+
+def test_non_causal_attention_fails(tokens, monkeypatch):
+    honest = torch.nn.functional.scaled_dot_product_attention
+
+    def bidirectional(q, k, v, is_causal=False, **kwargs):
+        return honest(q, k, v, is_causal=False, **kwargs)
+
+    monkeypatch.setattr(tg.F, "scaled_dot_product_attention", bidirectional)
+    failed(evaluate(tokens, ttt_epochs=0), "max_rescore_logp_delta")
 
 
 def test_gold_dependent_expert_mask_fails(tokens, monkeypatch):
@@ -55,38 +183,10 @@ def test_gold_dependent_expert_mask_fails(tokens, monkeypatch):
         return probs, valid & (probs > 0.05), features
 
     monkeypatch.setattr(tg, "expert_inputs", gold_mask)
-    result = evaluate(tokens)
-    assert tg.audit_fails(result.audit) and result.audit[1] > 1e-4
+    failed(evaluate(tokens), "max_abs_sum_err")
 
 
-def test_probability_inflated_by_9e_5_fails(tokens, monkeypatch):
-    honest = tg.mix
-
-    def inflated(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
-        lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
-        if everywhere or targets is None:
-            lp = torch.log(lp.double().exp() + 9e-5).float()
-        return lp, weights
-
-    everywhere = True
-    monkeypatch.setattr(tg, "mix", inflated)
-    assert tg.audit_fails(evaluate(tokens).audit)
-    # only the scored pass inflated, the enumeration honest: the gold log-probability no longer matches
-    everywhere = False
-    result = evaluate(tokens)
-    assert tg.audit_fails(result.audit) and result.audit[1] < 1e-4 and result.audit[2] > 1e-5
-
-
-def test_non_causal_attention_fails(tokens, monkeypatch):
-    honest = torch.nn.functional.scaled_dot_product_attention
-
-    def bidirectional(q, k, v, is_causal=False, **kwargs):
-        return honest(q, k, v, is_causal=False, **kwargs)
-
-    monkeypatch.setattr(tg.F, "scaled_dot_product_attention", bidirectional)
-    result = evaluate(tokens, ttt_epochs=0)
-    assert tg.audit_fails(result.audit) and result.audit[3] > 1e-5
-
+# ----- state: the cache, TTT and the gate may only hold scored targets -----
 
 def test_cache_extended_before_scoring_stops_the_run(tokens, monkeypatch):
     honest = tg.score_span
@@ -96,7 +196,7 @@ def test_cache_extended_before_scoring_stops_the_run(tokens, monkeypatch):
         return honest(setup, first, end, cache, *rest)
 
     monkeypatch.setattr(tg, "score_span", extend_first)
-    with pytest.raises(RuntimeError, match="causality violated.*cache"):
+    with pytest.raises(CausalityViolation, match="causality violated.*cache"):
         evaluate(tokens)
 
 
@@ -113,7 +213,7 @@ class EarlyCache(NgramTables):
 
 
 def test_cache_one_token_ahead_stops_the_run(tokens):
-    with pytest.raises(RuntimeError, match="causality violated.*cache"):
+    with pytest.raises(CausalityViolation, match="causality violated.*cache"):
         evaluate(tokens, cache=EarlyCache(tokens))
 
 
@@ -130,67 +230,78 @@ def test_ttt_on_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
         return honest(setup, first, end, cache, *rest)
 
     monkeypatch.setattr(tg, "score_span", train_first)
-    with pytest.raises(RuntimeError, match="causality violated.*TTT"):
+    with pytest.raises(CausalityViolation, match="causality violated.*TTT"):
         evaluate(tokens)
 
 
-def test_gate_learning_from_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
-    honest = tg.score_span
+def test_ttt_also_training_on_the_next_chunk_stops_the_run(tokens, monkeypatch):
+    """TTT reports the chunk it was given but trains on it and the next, unscored one: its high-water mark comes
+    from the indices it trained on, so the next chunk's first batch is refused."""
+    honest = tg.ttt_on_chunk
 
-    def learn_first(setup, first, end, cache=None, audit=None, record=None, online_gate=None):
-        # score the chunk once unrecorded, learn from it, then score it for real with the gate that has seen it
-        honest(setup, first, end, cache, None, None, online_gate)
-        online_gate.learn(setup.model.gate_logits, setup.model.neural_floor)
-        return honest(setup, first, end, cache, audit, record, online_gate)
+    def one_chunk_ahead(setup, optimizer, params, first, end, *rest):
+        return honest(setup, optimizer, params, first, min(end + CHUNK, len(setup.tokens)), *rest)
 
-    monkeypatch.setattr(tg, "score_span", learn_first)
-    with pytest.raises(RuntimeError, match="causality violated.*the gate"):
+    monkeypatch.setattr(tg, "ttt_on_chunk", one_chunk_ahead)
+    with pytest.raises(CausalityViolation, match="causality violated.*TTT"):
+        evaluate(tokens, gate_steps=0)
+
+
+def test_gate_learning_within_a_chunk_scored_last_first_stops_the_run(tokens, monkeypatch):
+    """The gate learns after every batch while a chunk's batches are scored last-first: an earlier batch is then
+    scored by a gate that has seen later targets. Checked before every batch, not once per chunk."""
+    honest_schedule, honest_mix = tg.window_schedule, tg.mix
+
+    def last_first(*args):
+        return tuple(w.flip(0) for w in honest_schedule(*args))
+
+    def learn_per_batch(setup, cache, h, neural_lp, stream, positions, targets=None, online_gate=None):
+        out = honest_mix(setup, cache, h, neural_lp, stream, positions, targets, online_gate)
+        if online_gate is not None:
+            with torch.inference_mode(False), torch.enable_grad():
+                online_gate.learn(setup.model.gate_logits, setup.model.neural_floor)
+        return out
+
+    monkeypatch.setattr(tg, "window_schedule", last_first)
+    monkeypatch.setattr(tg, "mix", learn_per_batch)
+    with pytest.raises(CausalityViolation, match="causality violated.*the gate"):
         evaluate(tokens, ttt_epochs=0)
 
 
-# ----- the document cache (the audited tokens span two documents: BOS at 0 and 523) -----
+def test_a_target_scored_twice_and_one_skipped_stops_the_run(tokens, monkeypatch):
+    """C4: the last window of each span is replaced by a second copy of the first (its hard targets skipped)."""
+    honest = tg.window_schedule
 
-class CountsItsTarget(DocumentCache):
-    """Counts the target's own occurrence as if the window ended after t: every candidate's count gains 1."""
+    def skip_last(*args):
+        return tuple(torch.cat((w[:1], w[:-1])) for w in honest(*args))
 
-    def counts(self, stream, positions, targets):
-        context, pair = super().counts(stream, positions, targets)
-        return context + 1, pair + 1
-
-
-class ReadsTheNextToken(DocumentCache):
-    """A unigram that also counts the token after t: still a distribution (one more count, on one token), but it
-    depends on the future."""
-
-    def counts(self, stream, positions, targets):
-        context, pair = super().counts(stream, positions, targets)
-        ahead = stream[(positions + 1).clamp(max=len(stream) - 1)]
-        context[0] += 1
-        pair[0] += (ahead == targets).long()
-        return context, pair
+    monkeypatch.setattr(tg, "window_schedule", skip_last)
+    with pytest.raises(CausalityViolation, match="not scored exactly once"):
+        evaluate(tokens, ttt_epochs=0)
 
 
-def test_honest_document_cache_passes(tokens):
-    result = evaluate(tokens, document=DocumentCache(1024, bos_id=1, max_order=3))
-    count, sum_err, gold_err, future_delta = result.audit
-    assert count == len(AUDITED) and not tg.audit_fails(result.audit)
-    assert sum_err < 1e-6 and gold_err < 1e-6 and future_delta < 1e-6
+# ----- where the audit looks -----
+
+def test_sampled_positions_cover_edges_documents_and_the_first_chunk(tokens):
+    bounds = tg.chunk_bounds(len(tokens), CHUNK)
+    positions = LegalityAudit.sampled(tokens, bounds, 1, 64, seed=3).positions
+    documents = set((torch.nonzero(tokens[:-1] == 1).flatten() + 1).tolist())
+    assert bool((positions >= 1).all()) and bool((positions < len(tokens)).all())
+    assert any(t < bounds[1] for t in positions.tolist())
+    assert set(positions.tolist()) & set(bounds[1:-1]) and set(positions.tolist()) & {b - 1 for b in bounds[2:]}
+    assert set(positions.tolist()) & documents
+    other = LegalityAudit.sampled(tokens, bounds, 1, 64, seed=4).positions
+    assert not torch.equal(positions, other)
 
 
-def test_document_cache_counting_its_target_fails(tokens):
-    result = evaluate(tokens, document=CountsItsTarget(1024, bos_id=1, max_order=3))
-    assert tg.audit_fails(result.audit) and result.audit[1] > 1e-4
-
-
-def test_document_cache_reading_the_next_token_fails(tokens):
-    result = evaluate(tokens, ttt_epochs=0, document=ReadsTheNextToken(1024, bos_id=1, max_order=3))
-    assert tg.audit_fails(result.audit) and result.audit[1] < 1e-4 and result.audit[3] > 1e-5
+def test_fresh_seeds_differ():
+    assert tg.fresh_seed(torch.device("cpu")) != tg.fresh_seed(torch.device("cpu"))
 
 
 def test_scoring_rule_ignores_the_runs_bf16_autocast_and_batch_size(tokens):
-    """On GPU the run scores under a bf16 autocast, and the audit re-scores a target in a batch of another size:
-    there a bf16 gate rounded the gold log-probability 7.8e-3 apart and failed the audit (H200). The rule's gate
-    runs in float64, outside the autocast, so neither the autocast nor the batch changes a score."""
+    """On GPU the run scores under a bf16 autocast, and the audit enumerates a target's candidates in a batch of
+    another size: there a bf16 gate rounded the gold log-probability 7.8e-3 apart and failed the audit (H200). The
+    rule's gate runs in float64, outside the autocast, so neither the autocast nor the batch changes a score."""
     model = audit_model()
     with torch.no_grad():  # the gate starts at zero, which bf16 holds exactly
         model.gate.weight.normal_(generator=torch.Generator().manual_seed(2))

@@ -183,10 +183,10 @@ def test_audit_catches_scores_that_are_not_distributions(sample_val_tokens):
     bucketed = audited(BucketedTables(1024, ORDERS, buckets=1 << 12))
     for result in (honest, inflated, bucketed):
         assert result.audit[0] == len(audit_positions)
-    assert not tg.audit_fails(honest.audit) and honest.audit[1:] < (1e-6, 1e-6, 1e-12)
+    assert tg.audit_failures(honest.audit) == [] and honest.audit[1:] < (1e-6, 1e-6, 1e-12)
     # "distributions" that do not sum to 1; both invalid scores look better, which is why they must be caught
-    assert tg.audit_fails(inflated.audit) and inflated.audit[1] > 1.0
-    assert tg.audit_fails(bucketed.audit) and bucketed.audit[1] > 1e-2
+    assert tg.audit_failures(inflated.audit) and inflated.audit[1] > 1.0
+    assert tg.audit_failures(bucketed.audit) and bucketed.audit[1] > 1e-2
     # the inflated cache looks better, which is why it must be caught; the bucketed counts, read through the
     # smoothed experts (the discount taken off their ratio, no backoff mass), need not
     assert inflated.val_loss < honest.val_loss

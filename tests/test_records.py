@@ -20,6 +20,7 @@ import pytest
 
 from conftest import REPO_ROOT, TINY_ENV, log_value, run_trainer
 from devkit import Audit, RunLog, log_fields, parse_text
+from ngram_mixer import audit_failures
 
 SEEDS = (1, 2, 3)
 # VAL_LOSS_EVERY=2 gives loss.png three val points per seed (steps 0, 2, 4).
@@ -145,8 +146,8 @@ def test_parse_log_matches_the_log_lines(pkg, seed_runs):
         assert run.bytes_code == int(code_line.split()[-2])
         audit = log_fields(log, "legality_audit")
         assert run.audit == Audit(int(audit["positions"]), audit["max_abs_sum_err"], audit["max_gold_logp_err"],
-                                  audit["max_future_logp_delta"])
-        assert not run.audit_pre_causal and run.audit.failures() == []
+                                  audit["max_rescore_logp_delta"], int(audit["seed"]))
+        assert not run.audit_old_format and run.audit.failures() == []
         assert run.ngram_orders == (2, 3, 4, 5, 6, 7)
         tokenizer = next(ln for ln in log.splitlines() if ln.startswith("tokenizer path:"))
         assert run.tokenizer.path == TINY_ENV["TOKENIZER_PATH"] and run.tokenizer.vocab_size == 1024
@@ -186,11 +187,12 @@ def test_steady_step_time_leaves_out_the_prefill_and_the_first_steps():
 def test_parse_plain_run_scores_the_roundtrip(pkg, plain_run, tmp_path):
     log = plain_run.read_text()
     run = pkg.parse_log(plain_run)
-    assert run.final_line == "final_int8_zstd_roundtrip_exact" and not run.mixer_ran and run.audit is None
+    # No mixer and no TTT: the roundtrip pass is the final one, and it is audited too.
+    assert run.final_line == "final_int8_zstd_roundtrip_exact" and not run.mixer_ran and run.audit.failures() == []
     assert run.ngram_orders == ()
     assert run.val_loss == log_value(log, "final_int8_zstd_roundtrip_exact", "val_loss")
     assert run.eval_time_ms == log_value(log, "final_int8_zstd_roundtrip ", "eval_time")
-    # No mixer: no legality audit to require. One seed: no std and no t-test.
+    # One seed: no std and no t-test.
     dest = package(pkg, [plain_run], tmp_path, "--non-record", "--sota-val-bpb", "9")
     assert "a t-test needs at least 2 seeds" in (dest / "README.md").read_text()
     assert json.loads((dest / "submission.json").read_text())["seeds"] == [7]
@@ -205,13 +207,17 @@ REFUSALS = {
     "ARTIFACT_OVER_CAP line": ((None, lambda _: "ARTIFACT_OVER_CAP total:16000001 cap:16000000"),
                                "ARTIFACT_OVER_CAP"),
     "legality audit missing": (("legality_audit", lambda line: None), "no legality_audit line"),
-    "legality audit error": (("legality_audit", set_field("max_gold_logp_err", "2.000e-05")),
-                             "legality audit failed: max_gold_logp_err:2.000e-05 > 1e-05"),
-    "legality audit not causal": (("legality_audit", set_field("max_future_logp_delta", "3.000e-03")),
-                                  "legality audit failed: max_future_logp_delta:3.000e-03 > 1e-05"),
+    "legality audit error": (("legality_audit", set_field("max_gold_logp_err", "2.000e-06")),
+                             "legality audit failed: max_gold_logp_err:2.000e-06 > 1e-06"),
+    "legality audit not causal": (("legality_audit", set_field("max_rescore_logp_delta", "3.000e-03")),
+                                  "legality audit failed: max_rescore_logp_delta:3.000e-03 > 1e-06"),
     "legality audit before the causal audit": (
         ("legality_audit", lambda _: "legality_audit positions:32 max_abs_sum_err:1.000e-07 max_gold_err:2.000e-07"),
-        "audit line predates the causal audit"),
+        "audit line predates the re-score audit"),
+    "legality audit without the target replaced": (
+        ("legality_audit", lambda _: "legality_audit positions:32 max_abs_sum_err:1.000e-07 "
+                                     "max_gold_logp_err:2.000e-07 max_future_logp_delta:0.000e+00"),
+        "audit line predates the re-score audit"),
     "LEGALITY_AUDIT_FAILED line": ((None, lambda _: "LEGALITY_AUDIT_FAILED: a scored distribution does not sum to 1"),
                                    "LEGALITY_AUDIT_FAILED"),
     "missing model_params line": (("model_params:", lambda line: None), "cannot tell whether the n-gram mixer ran"),
@@ -300,8 +306,8 @@ def synthetic_log(pkg, dest: Path, seed: int, val_bpb: float, settings=None, **l
               "Total submission size int8_zstd: 15620000 bytes",
         roundtrip="final_int8_zstd_roundtrip val_loss:2.0500 val_bpb:1.2141 eval_time:30000ms\n"
                   "final_int8_zstd_roundtrip_exact val_loss:2.05000000 val_bpb:1.21410000",
-        audit="legality_audit positions:4096 max_abs_sum_err:1.192e-07 max_gold_logp_err:2.384e-07 "
-              "max_future_logp_delta:0.000e+00",
+        audit="legality_audit positions:512 max_abs_sum_err:1.192e-07 max_gold_logp_err:2.384e-07 "
+              "max_rescore_logp_delta:0.000e+00 seed:123456789",
         scored=f"scored_tokens:{VAL_TOKENS - 1} scored_bytes:{SCORED_BYTES}",
         eval_time="eval_time roundtrip:30000ms score:60000ms ttt:150000ms total:240000ms",
         final=f"final_ngram_ttt val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} neural_val_loss:2.0400\n"
@@ -344,7 +350,7 @@ def test_synthetic_record_is_accepted_with_its_significance_and_tokenizer(pkg, t
     assert f"record (p = {significance['p']:.3g})" in readme and f"= {margin:.5f} BPB on this val set" in readme
     assert f"sha256 `{'ab' * 32}`" in readme
     assert "62,021,845 targets" in readme and "whole 1024-token sequences only (62,021,632 targets)" in readme
-    assert "max_future_logp_delta:0.000e+00" in readme
+    assert "max_rescore_logp_delta:0.000e+00 seed:123456789" in readme
 
 
 RECORD_RULES = {
@@ -416,15 +422,17 @@ def test_seeds_may_differ_in_their_dump_paths_only(pkg, tmp_path):
 
 
 def test_audit_thresholds_match_the_trainer(pkg, tmp_path):
-    assert Audit(32, 1e-4, 1e-5, 1e-5).failures() == []
+    assert Audit(32, 1e-6, 1e-6, 1e-6).failures() == []
     assert Audit(0, 0.0, 0.0, 0.0).failures() == ["positions:0 (no target audited)"]
-    assert Audit(32, 1.01e-4, 1.01e-5, 1.01e-5).failures() == [
-        "max_abs_sum_err:1.010e-04 > 0.0001", "max_gold_logp_err:1.010e-05 > 1e-05",
-        "max_future_logp_delta:1.010e-05 > 1e-05"]
+    assert Audit(32, 1.01e-6, 1.01e-6, 1.01e-6).failures() == [
+        "max_abs_sum_err:1.010e-06 > 1e-06", "max_gold_logp_err:1.010e-06 > 1e-06",
+        "max_rescore_logp_delta:1.010e-06 > 1e-06"]
+    # the trainer's own verdict on the same figures
+    assert len(audit_failures((32, 1.01e-6, 1.01e-6, 1.01e-6))) == 3 and audit_failures((32, 1e-6, 1e-6, 1e-6)) == []
     # A nan error compares False with everything: it must fail, not slip through.
     log = synthetic_log(pkg, tmp_path / "nan.txt", 1, 1.08, audit="legality_audit positions:4096 "
-                        "max_abs_sum_err:nan max_gold_logp_err:0.000e+00 max_future_logp_delta:0.000e+00")
-    assert pkg.parse_log(log).audit.failures() == ["max_abs_sum_err:nan > 0.0001"]
+                        "max_abs_sum_err:nan max_gold_logp_err:0.000e+00 max_rescore_logp_delta:0.000e+00 seed:1")
+    assert pkg.parse_log(log).audit.failures() == ["max_abs_sum_err:nan > 1e-06"]
     assert "legality audit failed: max_abs_sum_err:nan" in refusal(pkg, [log], tmp_path / "out", "--non-record")
 
 
