@@ -44,9 +44,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import (CausalityViolation, DocumentCache, LegalityAudit, LookupPrefetch, NgramTables, OnlineGate,
-                         audit_failures, audit_line, expert_feature_count, expert_inputs, fresh_seed,
-                         mixture_logprob, mixture_weights, replace_tokens_from, table_mask)
+from ngram_mixer import (ByteTables, CausalityViolation, DocumentCache, EvalResult, EvalSetup, LearningConfig,
+                         LegalityAudit, LookupPrefetch, NgramTables, TargetRecord, all_reduce,
+                         audit_failures, audit_line, chunk_bounds, eval_val, evaluate_stream,
+                         expert_feature_count, expert_inputs, fresh_seed, mixture_logprob, mixture_weights,
+                         replace_tokens_from, table_mask, write_eval_dump)
 
 # ----------------------------- HYPERPARAMETERS -----------------------------
 # Defaults are the SP8192 record stack (PR #1493: 11 layers x 512, MLP 4x LeakyReLU(0.5)^2, partial RoPE, depth
@@ -457,7 +459,7 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     return sp
 
 
-def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: torch.device):
+def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int, device: torch.device):
     """Per-token byte counts for BPB (the challenge rule): (base bytes, starts with '▁', is control/unk/unused)."""
     base_bytes = np.zeros(vocab_size, dtype=np.int16)
     leading_space = np.zeros(vocab_size, dtype=np.bool_)
@@ -473,13 +475,7 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: tor
         if piece.startswith("▁"):
             leading_space[token], piece = True, piece[1:]
         base_bytes[token] = len(piece.encode("utf-8"))
-    return tuple(torch.tensor(a, device=device) for a in (base_bytes, leading_space, is_boundary))
-
-
-def count_target_bytes(prev_ids: Tensor, target_ids: Tensor, luts) -> Tensor:
-    """UTF-8 bytes each target token adds to the text; the '▁' space counts unless it follows a boundary."""
-    base_bytes, leading_space, is_boundary = luts
-    return base_bytes[target_ids].long() + (leading_space[target_ids] & ~is_boundary[prev_ids]).long()
+    return ByteTables(*(torch.tensor(a, device=device) for a in (base_bytes, leading_space, is_boundary)))
 
 
 # ----------------------------- MODEL -----------------------------
@@ -707,306 +703,8 @@ class GPT(nn.Module):
 
 
 # ----------------------------- EVALUATION -----------------------------
-# Every target t in [1, N) of the val stream is scored exactly once, from a distribution over the whole vocabulary
-# that depends only on tokens < t (the model's causal window, n-gram counts before t); TTT and the online gate learn
-# from a chunk only after all its targets are scored. The legality audit checks it; a failure exits 4 (LegalityAudit).
-
-
-def window_schedule(first: int, end: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Sliding windows that score targets [first, end) once each. Window i reads tokens[start[i] : hi[i] - 1]
-    (at most seq_len) and scores targets lo[i] <= t < hi[i], its last <= stride positions, so every target sees
-    at least seq_len - stride tokens of context, or all the context there is. stride == seq_len gives the plain
-    non-overlapping evaluation."""
-    lo = torch.arange(first, end, stride)
-    hi = (lo + stride).clamp(max=end)
-    start = (hi - 1 - seq_len).clamp(min=0)
-    # Windows that start at token 0 all see every token before their targets: one window scores them all.
-    n_head = int((start == 0).sum())
-    if n_head > 1:
-        lo, hi, start = torch.cat((lo[:1], lo[n_head:])), hi[n_head - 1:], start[n_head - 1:]
-    return start, lo, hi
-
-
-@dataclass
-class EvalSetup:
-    model: GPT
-    hidden_fn: object  # model.hidden, compiled on CUDA
-    tokens: Tensor  # [N] int64 val stream on the device
-    luts: tuple
-    seq_len: int
-    stride: int
-    windows_per_batch: int
-    rank: int
-    world_size: int
-    min_count: int = 2
-    autocast: object = nullcontext
-    ngram_discount: float = 0.87
-    document: DocumentCache | None = None
-    # Every target TTT has read, on any rank, is < this index (from the index tensors it trained on).
-    ttt_trained_until: int = 0
-    # How often each val position has been scored in the current pass ([N] int8): C4 is checked at its end.
-    times_scored: Tensor | None = None
-
-
-def forward_windows(setup: EvalSetup, stream: Tensor, start: Tensor, lo: Tensor, hi: Tensor):
-    """The model on windows [start, start + seq_len) of `stream`: (target positions [P], hidden states [P, D],
-    neural log-probabilities [P, V] float32) of the targets lo <= t < hi each window scores."""
-    input_index = (start[:, None] + torch.arange(setup.seq_len, device=stream.device)).clamp(max=len(stream) - 1)
-    target_index = input_index + 1
-    # Past a short window's end the inputs are later tokens; causal attention keeps them out of its targets.
-    scored = (target_index >= lo[:, None]) & (target_index < hi[:, None])
-    with setup.autocast():
-        h = setup.hidden_fn(stream[input_index])[scored]
-        logits = setup.model.logits(h)
-    return target_index[scored], h, logits.log_softmax(-1)
-
-
-def mix(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_lp: Tensor, stream: Tensor,
-        positions: Tensor, targets: Tensor | None = None, online_gate: OnlineGate | None = None):
-    """The scoring rule: log p(target) [P] of the full system and its mixing weights [P, 1+K] (None without the
-    cache), from hidden states h [P, D] and the targets' neural log-probabilities [P]; online_gate keeps the inputs."""
-    if cache is None:
-        return neural_lp, None
-    probs, valid, features = expert_inputs(cache, stream, positions, setup.min_count, targets,
-                                           discount=setup.ngram_discount, document=setup.document)
-    # float64, no autocast: the audit re-scores a target in a batch of another size, where a bf16 gate rounds otherwise
-    weights = mixture_weights(setup.model.gate_logits(h.double(), features.double()), valid, setup.model.neural_floor)
-    if online_gate is not None:
-        online_gate.remember(positions, h, neural_lp, probs, valid, features)
-    return mixture_logprob(neural_lp, probs, valid, weights), weights
-
-
-class TargetRecord:
-    """Per-target results of one pass for targets 1..n_targets, in val order (index t - 1): full-system NLL,
-    neural NLL, mixing weights. Later targets are not kept."""
-
-    def __init__(self, n_targets: int, n_weights: int, device: torch.device):
-        # one spare row takes the later targets' writes, so storing needs no mask (and no device sync)
-        self.n_targets = n_targets
-        nll, neural_nll = (torch.zeros(n_targets + 1, dtype=torch.float64, device=device) for _ in range(2))
-        weights = torch.zeros(n_targets + 1, n_weights, dtype=torch.float32, device=device)
-        self.rows = (nll, neural_nll, weights)
-        self.nll, self.neural_nll, self.weights = (row[:n_targets] for row in self.rows)
-
-    def store(self, positions: Tensor, neural_lp: Tensor, mixed_lp: Tensor, weights: Tensor | None) -> None:
-        index = (positions - 1).clamp(max=self.n_targets)
-        self.rows[0][index] = -mixed_lp.double()
-        self.rows[1][index] = -neural_lp.double()
-        if weights is not None:
-            self.rows[2][index] = weights.float()
-
-    def first_difference(self, other: "TargetRecord", n_targets: int, exact: bool) -> tuple[int, float] | None:
-        """(first target, largest difference) where the two records' first n_targets differ, None where they agree
-        bitwise (exact), or within PROOF_CUDA_TOLERANCE: CUDA's TTT backward adds in no fixed order."""
-        pairs = [(mine[:n_targets].double(), theirs[:n_targets].double()) for mine, theirs in
-                 ((self.nll, other.nll), (self.neural_nll, other.neural_nll), (self.weights, other.weights))]
-        gap = torch.stack([(a - b).abs().reshape(n_targets, -1).amax(1) for a, b in pairs]).amax(0)
-        bad = torch.nonzero(gap > (0.0 if exact else PROOF_CUDA_TOLERANCE)).flatten()
-        return (int(bad[0]) + 1, float(gap.max())) if len(bad) else None
-
-
-@torch.inference_mode()
-def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None = None,
-               audit: LegalityAudit | None = None, record: TargetRecord | None = None,
-               online_gate: OnlineGate | None = None) -> Tensor:
-    """Score this rank's share of the windows covering targets [first, end); returns [neural NLL, system NLL,
-    bytes, tokens] (float64 sums). With `cache`, the n-gram experts join through the model's gate; the cache must
-    hold only tokens < first, and TTT and the gate must not have learned from a target >= first (checked before every
-    batch, where the scores are made: a violation raises CausalityViolation)."""
-    tokens, device = setup.tokens, setup.tokens.device
-    start, lo, hi = (t.to(device) for t in window_schedule(first, end, setup.seq_len, setup.stride))
-    share = slice(len(start) * setup.rank // setup.world_size, len(start) * (setup.rank + 1) // setup.world_size)
-    start, lo, hi = start[share], lo[share], hi[share]
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for i in range(0, len(start), setup.windows_per_batch):
-        windows = tuple(w[i:i + setup.windows_per_batch] for w in (start, lo, hi))
-        positions, h, log_probs = forward_windows(setup, tokens, *windows)
-        check_nothing_learned(setup, cache, online_gate, positions)
-        if setup.times_scored is not None:
-            setup.times_scored.index_add_(0, positions, torch.ones_like(positions, dtype=torch.int8))
-        targets = tokens[positions]
-        neural_lp = log_probs.gather(1, targets[:, None]).squeeze(1)
-        mixed_lp, weights = mix(setup, cache, h, neural_lp, tokens, positions, online_gate=online_gate)
-        if audit is not None:
-            audit.check(lambda *a: mix(setup, cache, *a)[0], lambda stream: forward_windows(setup, stream, *windows),
-                        tokens, positions, h, log_probs, mixed_lp)
-        if record is not None:
-            record.store(positions, neural_lp, mixed_lp, weights)
-        n_bytes = count_target_bytes(tokens[positions - 1], targets, setup.luts)
-        # Sums in float64 and one division at the end (BPB = sum NLL / ln 2 / sum bytes), as nanochat does.
-        sums += torch.stack((-neural_lp.double().sum(), -mixed_lp.double().sum(), n_bytes.double().sum(),
-                             torch.tensor(float(len(positions)), dtype=torch.float64, device=device)))
-    return sums
-
-
-# The inline causality proof's limit on CUDA, where TTT's backward kernels add in no fixed order, so two runs of
-# the same evaluation differ by float noise (unmeasured: bench/gpu_check.sh reports it); on CPU: bitwise.
-PROOF_CUDA_TOLERANCE = 1e-3
-
-
-def check_nothing_learned(setup: EvalSetup, cache: NgramTables | None, online_gate: OnlineGate | None,
-                          positions: Tensor) -> None:
-    """C3 where the scores are made: no table, TTT step or gate step may have seen a target of this batch."""
-    first = int(positions.min())
-    if cache is not None:
-        cache.check_holds_only_before(setup.tokens, first)
-    for learner, until in (("TTT", setup.ttt_trained_until), ("the gate", getattr(online_gate, "learned_until", 0))):
-        if until > first:
-            raise CausalityViolation(f"causality violated: scoring target {first} after {learner} learned from "
-                                     f"targets up to {until - 1}")
-
-
-def check_scored_once(setup: EvalSetup, end: int, n_bytes: float) -> None:
-    """C4 at the end of a pass that scored targets [1, end): each exactly once (over all ranks), and the bytes
-    the pass divided by are those targets' bytes."""
-    times = all_reduce(setup.times_scored)[1:]
-    if not bool((times[:end - 1] == 1).all()) or bool(times[end - 1:].any()):
-        wrong = torch.nonzero(times != (torch.arange(1, len(times) + 1, device=times.device) < end)).flatten() + 1
-        raise CausalityViolation(f"{len(wrong)} targets were not scored exactly once (target {int(wrong[0])}: "
-                                 f"{int(times[wrong[0] - 1])} times)")
-    expected = float(count_target_bytes(setup.tokens[:end - 1], setup.tokens[1:end], setup.luts).double().sum())
-    if n_bytes != expected:
-        raise CausalityViolation(f"the pass divided by {n_bytes:.0f} bytes; its targets hold {expected:.0f}")
-
-
-def all_reduce(tensor: Tensor, op=None) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
-
-
-@dataclass
-class EvalResult:
-    val_loss: float
-    val_bpb: float
-    neural_val_loss: float
-    scored_tokens: int
-    scored_bytes: int
-    time_ms: dict
-    audit: tuple[int, float, float, float] | None = None
-
-
-def eval_val(setup: EvalSetup, record: TargetRecord | None = None, audit: LegalityAudit | None = None) -> EvalResult:
-    """The neural model alone over every val target (sliding windows of the setup's stride): one chunk, no cache,
-    no TTT. Leaves the model in the mode it found it in (training calls it for its periodic val)."""
-    was_training = setup.model.training
-    result = eval_ngram_ttt(setup, [1, len(setup.tokens)], None, TTTConfig(), audit, record)
-    setup.model.train(was_training)
-    return result
-
-
-def chunk_bounds(n_tokens: int, chunk_tokens: int) -> list[int]:
-    """Target boundaries 1 = b0 < b1 < ... = n_tokens of the score-then-update chunks."""
-    return list(range(1, n_tokens, chunk_tokens)) + [n_tokens]
-
-
-def ttt_on_chunk(setup: EvalSetup, optimizer: torch.optim.Optimizer, params: list[Tensor], first: int,
-                 end: int, epochs: int, lr: float, grad_clip: float) -> None:
-    """Test-time training on targets [first, end), which have all been scored already: `epochs` SGD steps on the
-    chunk's CE, the chunk's sequences split across ranks and the gradients summed so all ranks stay identical."""
-    seq_len = min(setup.seq_len, end - first)
-    n_seqs = (end - first) // seq_len
-    starts = (first - 1 + seq_len * torch.arange(n_seqs, device=setup.tokens.device))[setup.rank::setup.world_size]
-    index = starts[:, None] + torch.arange(seq_len, device=starts.device)
-    target_index = index + 1
-    # The high-water mark comes from the indices trained on, not from [first, end): an indexing bug shows.
-    until = torch.tensor(int(target_index.max()) + 1 if len(starts) else 0, device=setup.tokens.device)
-    setup.ttt_trained_until = max(setup.ttt_trained_until, int(all_reduce(until, dist.ReduceOp.MAX)))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    setup.model.train()
-    for _ in range(epochs):
-        optimizer.zero_grad(set_to_none=False)
-        if len(starts):
-            with setup.autocast():
-                logits = setup.model.logits(setup.hidden_fn(setup.tokens[index]))
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), setup.tokens[target_index].reshape(-1),
-                                       reduction="sum")
-            (loss / (n_seqs * seq_len)).backward()
-        if setup.world_size > 1:
-            flat = all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
-            for p, grad in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(grad.view_as(p))
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-    setup.model.eval()
-
-
-@dataclass
-class TTTConfig:
-    epochs: int = 0  # 0 = no test-time training
-    lr: float = 0.002
-    momentum: float = 0.9
-    cosine: bool = True
-    grad_clip: float = 1.0
-    gate_steps: int = 0  # the online gate's Adam steps per scored chunk; 0 = the gate stays as trained
-    gate_lr: float = 0.01
-
-
-def eval_ngram_ttt(setup: EvalSetup, bounds: list[int], cache: NgramTables | None, ttt: TTTConfig,
-                   audit: LegalityAudit | None = None, record: TargetRecord | None = None,
-                   stop_after: int = sys.maxsize) -> EvalResult:
-    """Score-then-update over the chunks [bounds[i], bounds[i+1]): score every target of the chunk, THEN extend the
-    cache with it, THEN learn from it (online gate, TTT). `cache` must start empty (it is identical on all ranks);
-    nothing of a chunk reaches the cache or the weights before it is scored."""
-    tokens, device = setup.tokens, setup.tokens.device
-    online_gate = OnlineGate(setup.model.gate_parameters(), ttt.gate_steps, ttt.gate_lr) \
-        if cache is not None and ttt.gate_steps > 0 else None
-    # TTT adapts every transformer weight with the CE; the gate learns from the mixture NLL (online_gate).
-    params = [p for name, p in setup.model.named_parameters() if not name.startswith(("gate.", "gate_features."))]
-    optimizer = torch.optim.SGD(params, lr=ttt.lr, momentum=ttt.momentum) if ttt.epochs > 0 else None
-    for p in params:
-        # Dense zero grads on every rank, even one without sequences in a chunk, so the all-reduce always matches.
-        p.grad = torch.zeros_like(p) if optimizer else None
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    setup.times_scored = torch.zeros(len(tokens), dtype=torch.int8, device=device)
-    time_ms = dict(score=0.0, cache=0.0, gate=0.0, ttt=0.0)
-    setup.model.eval()
-
-    def timed(key, fn, *fn_args):
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        out = fn(*fn_args)
-        sync()
-        time_ms[key] += 1000.0 * (time.perf_counter() - t0)
-        return out
-
-    n_learn = len(bounds) - 2  # the last chunk is never learned from
-    for i, (first, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        sums += timed("score", score_span, setup, first, end, cache, audit, record, online_gate)
-        if i == n_learn or end > stop_after:
-            break  # nothing is left to score, so the last chunk need not be learned from
-        if cache is not None:
-            timed("cache", cache.extend, tokens[cache.num_tokens:end])
-        if online_gate is not None:
-            timed("gate", online_gate.learn, setup.model.gate_logits, setup.model.neural_floor, setup.autocast)
-        if optimizer is not None:
-            lr = ttt.lr * (0.5 * (1 + math.cos(math.pi * i / n_learn)) if ttt.cosine else 1.0)
-            timed("ttt", ttt_on_chunk, setup, optimizer, params, first, end, ttt.epochs, lr, ttt.grad_clip)
-    if audit is not None:
-        time_ms["score"] -= audit.time_ms
-        time_ms["audit"] = audit.time_ms
-    time_ms["total"] = sum(time_ms.values())
-    neural_nll, nll, n_bytes, n_tokens = all_reduce(sums).tolist()
-    check_scored_once(setup, end, n_bytes)
-    for tensor in (record.nll, record.neural_nll, record.weights) if record is not None else ():
-        all_reduce(tensor)  # every target was written by exactly one rank, the others hold zeros there
-    return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
-                      int(n_bytes), time_ms, audit.reduce() if audit is not None else None)
-
-
-def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, tokens: Tensor, luts, bos_id: int,
-                    run_id: str) -> None:
-    """EVAL_DUMP: per-target arrays in val order (t = 1..N-1) and the pass's scores, as an npz file. Its
-    nll.sum() / (ln 2 * bytes.sum()) is the logged val_bpb up to float64 summation order."""
-    n_bytes = count_target_bytes(tokens[:-1], tokens[1:], luts)
-    doc_id = torch.cumsum((tokens == bos_id).long(), 0)[1:] - 1
-    arrays = dict(nll=record.nll, neural_nll=record.neural_nll, bytes=n_bytes, doc_id=doc_id,
-                  positions=torch.arange(1, len(tokens), device=tokens.device), gate_weights=record.weights)
-    np.savez(path, **{k: v.cpu().numpy() for k, v in arrays.items()}, val_bpb=np.float64(result.val_bpb),
-             val_loss=np.float64(result.val_loss), run_id=np.str_(run_id))
+# Scoring, the score-then-update loop, TTT and their causality checks live in ngram_mixer.py (EVALUATION);
+# build_eval_setup and evaluate_artifact below connect them to a run.
 
 
 # ----------------------------- QUANTIZATION + COMPRESSION -----------------------------
@@ -1231,7 +929,7 @@ class Run:
     artifact_path: Path
     code_bytes: int
     bos_id: int
-    luts: tuple
+    byte_tables: tuple
     val_tokens: Tensor
 
     def autocast(self):
@@ -1282,7 +980,7 @@ def start_run(args: Hyperparameters) -> Run:
     code = [f.read_bytes() for f in code_files]
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     run = Run(args, rank, world_size, distributed, device, args.compile and use_cuda, run_id, log_path, artifact_path,
-              sum(len(c) for c in code), int(sp.bos_id()), build_byte_luts(sp, args.vocab_size, device),
+              sum(len(c) for c in code), int(sp.bos_id()), build_byte_tables(sp, args.vocab_size, device),
               load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens).to(device))
     for path, source in zip(code_files, code):
         run.log(f"===== {path.name} =====\n{source.decode('utf-8')}", console=False)
@@ -1311,7 +1009,7 @@ def start_run(args: Hyperparameters) -> Run:
 def build_eval_setup(run: Run, model: GPT, stride: int) -> EvalSetup:
     hidden_fn = torch.compile(model.hidden) if run.compile_model else model.hidden
     windows_per_batch = max(1, run.args.val_batch_size // (run.world_size * run.args.train_seq_len))
-    return EvalSetup(model, hidden_fn, run.val_tokens, run.luts, run.args.train_seq_len, stride, windows_per_batch,
+    return EvalSetup(model, hidden_fn, run.val_tokens, run.byte_tables, run.args.train_seq_len, stride, windows_per_batch,
                      run.rank, run.world_size, run.args.ngram_min_count, run.autocast,
                      ngram_discount=run.args.ngram_discount, document=run.args.document_cache(run.bos_id))
 
@@ -1519,7 +1217,7 @@ def final_pass(run: Run, setup: EvalSetup, bounds: list[int], audit: LegalityAud
     token after K replaced. Every loss up to K must match the scored pass's: nothing learned from a later token
     (through any state, however it was recorded) may reach them. Returns (result, the proof's time in ms)."""
     args = run.args
-    ttt = TTTConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
+    ttt = LearningConfig(args.ttt_epochs if args.ttt else 0, args.ttt_lr, args.ttt_momentum, args.ttt_cosine,
                     args.ttt_grad_clip, args.ngram_gate_eval_steps, args.ngram_gate_eval_lr)
     n_weights = 1 + args.ngram_experts if args.ngram_orders else 0
     after = proof_target(bounds, torch.Generator().manual_seed(seed))
@@ -1527,12 +1225,12 @@ def final_pass(run: Run, setup: EvalSetup, bounds: list[int], audit: LegalityAud
     generator = torch.Generator(device=run.device).manual_seed(seed)
     setup.tokens = replace_tokens_from(val_tokens, after + 1, generator, args.vocab_size)
     replaced = TargetRecord(after, n_weights, run.device)
-    proof = eval_ngram_ttt(setup, bounds, eval_cache(args, run.device), ttt, None, replaced, stop_after=after)
+    proof = evaluate_stream(setup, bounds, eval_cache(args, run.device), ttt, None, replaced, stop_after=after)
     setup.tokens, setup.ttt_trained_until = val_tokens, 0
     setup.model.load_state_dict(initial)
     kept = record if record is not None else TargetRecord(after, n_weights, run.device)
     # A fresh cache: the training-time tables are never consulted at evaluation.
-    result = eval_ngram_ttt(setup, bounds, eval_cache(args, run.device), ttt, audit, kept)
+    result = evaluate_stream(setup, bounds, eval_cache(args, run.device), ttt, audit, kept)
     difference = kept.first_difference(replaced, after, exact=run.device.type != "cuda")
     run.log(f"causality_proof after:{after} targets:{after} identical:{difference is None}")
     if difference is not None:
@@ -1592,7 +1290,7 @@ def evaluate_artifact(run: Run, path: Path) -> None:
         run.log(f"final_ngram_ttt_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
     run.log(f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
     if record is not None and run.rank == 0:
-        write_eval_dump(Path(args.eval_dump), record, result, run.val_tokens, run.luts, run.bos_id, run.run_id)
+        write_eval_dump(Path(args.eval_dump), record, result, run.val_tokens, run.byte_tables, run.bos_id, run.run_id)
         run.log(f"eval_dump path:{args.eval_dump} targets:{len(run.val_tokens) - 1}")
 
 

@@ -3,7 +3,7 @@ trained? A replay of train_gpt's cache evaluation (no TTT) on one artifact.
 
   python analysis/online_gate.py ARTIFACT [--env configs/sample_cpu.env] [--max-tokens 0]
 
-One pass over the val stream in EVAL_CHUNK_TOKENS chunks, exactly as eval_ngram_ttt scores them without TTT (the
+One pass over the val stream in EVAL_CHUNK_TOKENS chunks, exactly as evaluate_stream scores them without TTT (the
 model's sliding windows, the causal cache with within-chunk counts), keeps for every target its final hidden
 state, the neural log-probability of the target and the experts' inputs. Then, for each setting (Adam steps per
 chunk, learning rate), a copy of the artifact's gate scores chunk i and only then takes its steps on chunk i's
@@ -22,6 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import ngram_mixer as nm  # noqa: E402
 from devkit import read_env_file  # noqa: E402
 from records.compare import document_ids, paired_bootstrap  # noqa: E402
 
@@ -35,8 +36,8 @@ def replay(tg, args, artifact: Path) -> dict:
     model = tg.model_from_artifact(args, artifact, device).eval()
     tokens = tg.load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens)
     sp = tg.load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts = tg.build_byte_luts(sp, args.vocab_size, device)
-    setup = tg.EvalSetup(model, model.hidden, tokens, luts, args.train_seq_len, args.eval_stride,
+    byte_tables = tg.build_byte_tables(sp, args.vocab_size, device)
+    setup = tg.EvalSetup(model, model.hidden, tokens, byte_tables, args.train_seq_len, args.eval_stride,
                          max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
                          ngram_discount=args.ngram_discount, document=args.document_cache(sp.bos_id()))
     cache = tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders)
@@ -44,16 +45,16 @@ def replay(tg, args, artifact: Path) -> dict:
     bounds = tg.chunk_bounds(len(tokens), args.eval_chunk_tokens)
     for first, end in zip(bounds[:-1], bounds[1:]):
         parts = []
-        for window in zip(*(w.split(setup.windows_per_batch) for w in tg.window_schedule(
+        for window in zip(*(w.split(setup.windows_per_batch) for w in nm.window_schedule(
                 first, end, setup.seq_len, setup.stride))):
-            positions, h, log_probs = tg.forward_windows(setup, tokens, *window)
+            positions, h, log_probs = nm.forward_windows(setup, tokens, *window)
             neural_lp = log_probs.gather(1, tokens[positions][:, None]).squeeze(1)
             probs, valid, features = tg.expert_inputs(cache, tokens, positions, setup.min_count,
                                                       discount=setup.ngram_discount, document=setup.document)
             parts.append((positions, h, neural_lp, probs, valid, features))
         chunks.append([torch.cat([p[i] for p in parts], dim=1 if i in (3, 4) else 0) for i in range(6)])
         cache.extend(tokens[cache.num_tokens:end])
-    return dict(model=model, tokens=tokens, luts=luts, chunks=chunks)
+    return dict(model=model, tokens=tokens, byte_tables=byte_tables, chunks=chunks)
 
 
 def mixture_nll(tg, model, chunk) -> torch.Tensor:
@@ -66,7 +67,7 @@ def online(tg, model, chunks, steps: int, lr: float) -> torch.Tensor:
     """Score chunk i with the gate as it is, then let train_gpt's OnlineGate take its steps on chunk i; [N-1] NLL
     in target order."""
     model = copy.deepcopy(model)
-    gate = tg.OnlineGate(model.gate_parameters(), steps, lr)
+    gate = nm.OnlineGate(model.gate_parameters(), steps, lr)
     nll = []
     for chunk in chunks:
         with torch.no_grad():
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--settings", default=SETTINGS, help=f"steps:lr pairs (default {SETTINGS})")
     opts = parser.parse_args()
     os.environ.update(read_env_file(opts.env), VAL_MAX_TOKENS=str(opts.max_tokens))
+    import ngram_mixer as nm
     import train_gpt as tg  # after the environment is set
 
     args = tg.Hyperparameters()
@@ -92,7 +94,7 @@ def main() -> None:
     positions = torch.cat([c[0] for c in chunks])
     if not torch.equal(positions, torch.arange(1, len(tokens))):
         raise RuntimeError("the replay did not score every target once, in order")
-    n_bytes = tg.count_target_bytes(tokens[:-1], tokens[1:], data["luts"]).double().numpy()
+    n_bytes = nm.count_target_bytes(tokens[:-1], tokens[1:], data["byte_tables"]).double().numpy()
     docs = document_ids(tokens.numpy())
     with torch.no_grad():
         own = torch.cat([mixture_nll(tg, data["model"], c) for c in chunks]).numpy()

@@ -17,7 +17,7 @@ GPT.layer_states (each virtual layer under depth recurrence) is computed once, n
    of "which expert gives the gold token the most probability", both trained on the same train tokens against
    the frozen training tables (train_gpt.expert_inputs / table_mask, leave-future-out), the neural model
    frozen. Scored as the full mixture with a causal score-then-update cache on the val slice, exactly as
-   train_gpt.eval_ngram_ttt without TTT (checked against it in the run): BPB and a paired bootstrap.
+   train_gpt.evaluate_stream without TTT (checked against it in the run): BPB and a paired bootstrap.
 
 The model is loaded only through train_gpt.model_from_artifact; data and shape come from the environment as the
 trainer reads it (DATA_PATH, TOKENIZER_PATH, NUM_LAYERS, ...), each unset variable defaulting to
@@ -225,10 +225,11 @@ class Features:
 def extract_features(model, tokens: Tensor, seq_len: int, stride: int, windows_per_batch: int = 64) -> Features:
     """Run the frozen model over sliding windows exactly as train_gpt.score_span does (window_schedule; stride =
     seq_len gives non-overlapping windows) and keep every layer row's state for each scored target."""
+    import ngram_mixer as nm
     import train_gpt as tg  # imported by the caller after the environment is set (see main)
 
     model.eval()
-    start, lo, hi = tg.window_schedule(1, len(tokens), seq_len, stride)
+    start, lo, hi = nm.window_schedule(1, len(tokens), seq_len, stride)
     offsets = torch.arange(seq_len)
     positions, states, logprob, argmax, gates = [], [], [], [], []
     for i in range(0, len(start), windows_per_batch):
@@ -255,8 +256,9 @@ def extract_features(model, tokens: Tensor, seq_len: int, stride: int, windows_p
 def causal_cache_experts(tokens: Tensor, vocab_size: int, orders, chunk_tokens: int, min_count: int,
                          discount: float, document=None):
     """The cache experts' ([K, N-1] probs, [K, N-1] valid, [N-1, F] count features) of every target 1..N-1, as
-    train_gpt.eval_ngram_ttt sees them: the cache starts empty, each target also counts its chunk's earlier
+    train_gpt.evaluate_stream sees them: the cache starts empty, each target also counts its chunk's earlier
     tokens, and the cache receives each chunk only after the chunk has been scored."""
+    import ngram_mixer as nm
     import train_gpt as tg
     from ngram_mixer import NgramTables
 
@@ -380,11 +382,12 @@ def gate_nll(gate: RoutedLinear, feats: Features, probs: Tensor, valid: Tensor, 
 
 
 def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_tokens: int, val: Features,
-                    val_tokens: Tensor, luts, document, seeds: int, top_m: int, epochs: int, lr: float,
+                    val_tokens: Tensor, byte_tables, document, seeds: int, top_m: int, epochs: int, lr: float,
                     router_lr: float) -> dict:
     """GATE_INPUT=last vs probe_sparse (and dense), each trained on the frozen training tables (the trainer's
     leave-future-out view) with the neural model frozen, scored as the full mixture with the causal val cache (no
     TTT). The offline gates read hidden states only; the artifact's own gate also reads the count features."""
+    import ngram_mixer as nm
     import train_gpt as tg
     from ngram_mixer import NgramTables, mixture_logprob, mixture_weights
 
@@ -405,7 +408,7 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     rows = val.positions - 1
     val_probs, val_valid, val_features = val_probs[:, rows], val_valid[:, rows], val_features[rows]
     floor = model.neural_floor
-    val_bytes = tg.count_target_bytes(val_tokens[val.positions - 1], val_tokens[val.positions], luts).double()
+    val_bytes = nm.count_target_bytes(val_tokens[val.positions - 1], val_tokens[val.positions], byte_tables).double()
     docs = document_ids(val_tokens.numpy())[val.positions - 1]
 
     def bpb(nll: Tensor) -> float:
@@ -531,7 +534,7 @@ def main(argv=None) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     sp = tg.load_tokenizer(args.tokenizer_path, args.vocab_size)
-    luts, document = tg.build_byte_luts(sp, args.vocab_size, device), args.document_cache(sp.bos_id())
+    byte_tables, document = tg.build_byte_tables(sp, args.vocab_size, device), args.document_cache(sp.bos_id())
     val_tokens = tg.load_validation_tokens(args.data_path, args.vocab_size, opts.val_tokens)
     train_files = tg.list_shards(args.data_path, "train")
     stream = tg.TokenStream(train_files, args.vocab_size)
@@ -556,14 +559,14 @@ def main(argv=None) -> dict:
                                    opts.seeds, opts.top_m, opts.epochs, opts.lr, opts.router_lr)
     lap("mtp")
     if args.ngram:
-        result["gate"] = gate_comparison(model, args, train, train_stream, prefill_tokens, val, val_tokens, luts,
+        result["gate"] = gate_comparison(model, args, train, train_stream, prefill_tokens, val, val_tokens, byte_tables,
                                          document, opts.seeds, opts.top_m, opts.epochs, opts.lr, opts.router_lr)
         # The offline mixture must be train_gpt's own evaluation (cache, no TTT) with the artifact's gate.
-        setup = tg.EvalSetup(model, model.hidden, val_tokens, luts, args.train_seq_len, args.eval_stride,
+        setup = tg.EvalSetup(model, model.hidden, val_tokens, byte_tables, args.train_seq_len, args.eval_stride,
                              max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
                              ngram_discount=args.ngram_discount, document=document)
-        reference = tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
-                                      tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders), tg.TTTConfig())
+        reference = tg.evaluate_stream(setup, tg.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
+                                      tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders), tg.LearningConfig())
         result["gate"]["own_gate"]["train_gpt_eval_bpb"] = reference.val_bpb
         result["gate"]["own_gate"]["abs_diff_vs_train_gpt_eval"] = abs(reference.val_bpb -
                                                                        result["gate"]["own_gate"]["bpb"])

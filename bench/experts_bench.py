@@ -7,7 +7,7 @@ A.ptz: a train_gpt.py artifact of configs/sample_cpu.env (200 steps); W.ptz: the
 
 Rows: n-gram caches alone (no neural model, every token p > 0), then mixtures with the sample model's per-target
 neural probabilities. Every BPB is sum NLL / (ln 2 * sum bytes) over the same 1,040,059 targets, from normalized
-distributions; bytes from train_gpt's build_byte_luts / count_target_bytes.
+distributions; bytes from train_gpt's build_byte_tables / count_target_bytes.
   chunk-granular: the cache holds only earlier 16,384-token chunks (EVAL_CHUNK_TOKENS of configs/sample_cpu.env);
   every-token:    the cache plus the chunk's own earlier tokens (NgramTables.counts), i.e. every token before t;
                   the bench checks that the chunked library path gives the same counts as one whole-stream call.
@@ -57,7 +57,7 @@ def neural_per_target(tg, artifact: Path, cache_path: Path, max_tokens: int = 0)
     args = tg.Hyperparameters()
     model = tg.model_from_artifact(args, artifact, torch.device("cpu")).eval()
     tokens = tg.load_validation_tokens(str(devkit.SAMPLE_SHARDS), args.vocab_size, max_tokens)
-    start, lo, hi = tg.window_schedule(1, len(tokens), args.train_seq_len, args.eval_stride)
+    start, lo, hi = nm.window_schedule(1, len(tokens), args.train_seq_len, args.eval_stride)
     out = {k: np.zeros(len(tokens) - 1) for k in ("nll", "entropy", "max_logprob")}
     offsets = torch.arange(args.train_seq_len)
     per_batch = max(1, args.val_batch_size // args.train_seq_len)
@@ -190,8 +190,8 @@ def main():
     torch.set_num_threads(1)
     tg = load_train_gpt()
     tokens = torch.from_numpy(np.fromfile(devkit.SAMPLE_VAL_SHARD, dtype="<u2", offset=1024).astype(np.int64))
-    luts = tg.build_byte_luts(tg.load_tokenizer(str(devkit.SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
-    n_bytes = tg.count_target_bytes(tokens[:-1], tokens[1:], luts).double().numpy()
+    byte_tables = tg.build_byte_tables(tg.load_tokenizer(str(devkit.SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
+    n_bytes = nm.count_target_bytes(tokens[:-1], tokens[1:], byte_tables).double().numpy()
     # target t belongs to the document that holds token t (each BOS id 1 opens one)
     doc = np.cumsum(tokens.numpy() == 1)[1:] - 1
     neural = neural_per_target(tg, args.artifact, args.neural_cache)

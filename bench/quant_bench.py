@@ -145,11 +145,11 @@ def main():
         args.gptq_calib_batches = calib_batches
         hessians = tg.collect_hessians(model, tg.calibration_batches(args, 0, 1, device))
         tokens = tg.load_validation_tokens(args.data_path, args.vocab_size, opts.val_tokens)
-        luts = tg.build_byte_luts(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size, device)
+        byte_tables = tg.build_byte_tables(tg.load_tokenizer(args.tokenizer_path, args.vocab_size), args.vocab_size, device)
 
         def score(path):
             m = tg.model_from_artifact(args, path, device) if path else model
-            setup = tg.EvalSetup(m, m.hidden, tokens, luts, args.train_seq_len, args.eval_stride,
+            setup = tg.EvalSetup(m, m.hidden, tokens, byte_tables, args.train_seq_len, args.eval_stride,
                                  max(1, args.val_batch_size // args.train_seq_len), 0, 1)
             return tg.eval_val(setup).val_bpb
 

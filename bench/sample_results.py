@@ -60,10 +60,10 @@ def main():
         if cache is not None:
             audit = tg.LegalityAudit.sampled(run.val_tokens, bounds, run.bos_id, args.audit_positions, args.seed)
         record = tg.TargetRecord(len(run.val_tokens) - 1, 1 + args.ngram_experts, run.device)
-        ttt = tg.TTTConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip,
+        ttt = tg.LearningConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip,
                            gate_steps, args.ngram_gate_eval_lr)
-        result = tg.eval_ngram_ttt(setup, bounds, cache, ttt, audit, record)
-        tg.write_eval_dump(workdir / f"{name}.npz", record, result, run.val_tokens, run.luts, run.bos_id, name)
+        result = tg.evaluate_stream(setup, bounds, cache, ttt, audit, record)
+        tg.write_eval_dump(workdir / f"{name}.npz", record, result, run.val_tokens, run.byte_tables, run.bos_id, name)
         return result
 
     def audit_text(stats):

@@ -7,6 +7,7 @@ Run:  python -m pytest -q tests/test_audit.py
 import pytest
 import torch
 
+import ngram_mixer as nm
 import train_gpt as tg
 from ngram_mixer import CausalityViolation, DocumentCache, LegalityAudit, NgramTables, replace_tokens_from
 from test_mixer_eval import ORDERS, mixer_model
@@ -37,13 +38,13 @@ def evaluate(tokens, cache=None, ttt_epochs=1, document=None, gate_steps=4, posi
     setup = make_setup(audit_model(len(document.orders) if document else 0), tokens, 32, 8)
     setup.min_count, setup.document = 1, document
     cache = NgramTables(1024, (1,) + ORDERS) if cache is None else cache
-    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0, gate_steps=gate_steps, gate_lr=0.05)
-    return tg.eval_ngram_ttt(setup, tg.chunk_bounds(len(tokens), CHUNK), cache, ttt, LegalityAudit(positions, 0))
+    ttt = nm.LearningConfig(ttt_epochs, lr=0.05, cosine=True, grad_clip=1.0, gate_steps=gate_steps, gate_lr=0.05)
+    return nm.evaluate_stream(setup, nm.chunk_bounds(len(tokens), CHUNK), cache, ttt, LegalityAudit(positions, 0))
 
 
 def failed(result, statistic):
     """The audit's failure messages, asserting that `statistic` is among the failed checks."""
-    failures = tg.audit_failures(result.audit)
+    failures = nm.audit_failures(result.audit)
     assert any(message.startswith(statistic) for message in failures), failures
     return failures
 
@@ -51,13 +52,13 @@ def failed(result, statistic):
 def test_honest_evaluation_passes_with_an_exact_rescore(tokens):
     result = evaluate(tokens)
     count, sum_err, gold_err, rescore_delta = result.audit
-    assert count == len(AUDITED) and tg.audit_failures(result.audit) == []
+    assert count == len(AUDITED) and nm.audit_failures(result.audit) == []
     assert sum_err < 1e-6 and gold_err < 1e-6 and rescore_delta == 0.0
 
 
 def test_honest_document_cache_passes(tokens):
     result = evaluate(tokens, document=DocumentCache(1024, bos_id=1, max_order=3))
-    assert tg.audit_failures(result.audit) == [] and result.audit[3] == 0.0
+    assert nm.audit_failures(result.audit) == [] and result.audit[3] == 0.0
 
 
 def test_replaced_tokens_all_differ(tokens):
@@ -83,14 +84,14 @@ def test_model_reading_the_token_it_predicts_fails(tokens, monkeypatch):
 
 def test_gold_logit_boost_in_every_pass_fails(tokens, monkeypatch):
     """+1 on the gold token's logit, renormalized: a full distribution, in every pass the audit's included."""
-    honest = tg.forward_windows
+    honest = nm.forward_windows
 
     def boosted(setup, stream, *windows):
         positions, h, log_probs = honest(setup, stream, *windows)
         boost = torch.nn.functional.one_hot(stream[positions], log_probs.size(1))
         return positions, h, (log_probs + boost).log_softmax(-1)
 
-    monkeypatch.setattr(tg, "forward_windows", boosted)
+    monkeypatch.setattr(nm, "forward_windows", boosted)
     failed(evaluate(tokens, ttt_epochs=0), "max_rescore_logp_delta")
 
 
@@ -108,15 +109,15 @@ def test_expert_counting_its_own_target_fails(tokens):
 
 def test_gold_only_probability_bump_under_the_old_tolerance_fails(tokens, monkeypatch):
     """+9e-5 probability on the token the val stream holds at t (the old 1e-4 sum limit let it through)."""
-    honest = tg.mix
+    honest = nm.scoring_rule
 
     def bumped(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
         lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
         gold = stream[positions] if targets is None else targets
         return torch.where(gold == stream[positions], torch.log(lp.double().exp() + 9e-5).float(), lp), weights
 
-    monkeypatch.setattr(tg, "mix", bumped)
-    failures = tg.audit_failures(evaluate(tokens, ttt_epochs=0).audit)
+    monkeypatch.setattr(nm, "scoring_rule", bumped)
+    failures = nm.audit_failures(evaluate(tokens, ttt_epochs=0).audit)
     assert {m.split(":")[0] for m in failures} >= {"max_abs_sum_err", "max_gold_logp_err"}, failures
 
 
@@ -124,19 +125,19 @@ def test_gold_only_probability_bump_under_the_old_tolerance_fails(tokens, monkey
 
 def test_scored_pass_only_boost_fails(tokens, monkeypatch):
     """+1e-4 nats on the scored gold only (the call without candidates): not even a distribution any more."""
-    honest = tg.mix
+    honest = nm.scoring_rule
 
     def scored_only(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
         lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
         return (lp + 1e-4 if targets is None else lp), weights
 
-    monkeypatch.setattr(tg, "mix", scored_only)
+    monkeypatch.setattr(nm, "scoring_rule", scored_only)
     failed(evaluate(tokens, ttt_epochs=0), "max_gold_logp_err")
 
 
 def test_neural_boost_on_the_val_stream_only_fails(tokens, monkeypatch):
     """A neural boost that fires only when the forward reads the val stream itself, not a re-run's copy."""
-    honest = tg.forward_windows
+    honest = nm.forward_windows
 
     def on_val_only(setup, stream, *windows):
         positions, h, log_probs = honest(setup, stream, *windows)
@@ -145,20 +146,20 @@ def test_neural_boost_on_the_val_stream_only_fails(tokens, monkeypatch):
             log_probs = (log_probs + boost).log_softmax(-1)
         return positions, h, log_probs
 
-    monkeypatch.setattr(tg, "forward_windows", on_val_only)
+    monkeypatch.setattr(nm, "forward_windows", on_val_only)
     failed(evaluate(tokens, ttt_epochs=0), "max_rescore_logp_delta")
 
 
 def test_rare_scored_pass_only_boost_fails(tokens, monkeypatch):
     """+1e-4 nats at 1% of targets (t % 101 == 0) in the scored pass: the re-run of an audited batch compares
     every earlier target of the batch, so the audited targets need not hit the leaky ones."""
-    honest = tg.mix
+    honest = nm.scoring_rule
 
     def rare(setup, cache, h, neural_lp, stream, positions, targets=None, **kwargs):
         lp, weights = honest(setup, cache, h, neural_lp, stream, positions, targets, **kwargs)
         return (torch.where(positions % 101 == 0, lp + 1e-4, lp) if targets is None else lp), weights
 
-    monkeypatch.setattr(tg, "mix", rare)
+    monkeypatch.setattr(nm, "scoring_rule", rare)
     # three audited targets, none leaky, each a few targets after a leaky one in the same batch of 24
     audited = torch.tensor([210, 407, 610])
     failed(evaluate(tokens, ttt_epochs=0, positions=audited), "max_rescore_logp_delta")
@@ -175,27 +176,27 @@ def test_non_causal_attention_fails(tokens, monkeypatch):
 
 
 def test_gold_dependent_expert_mask_fails(tokens, monkeypatch):
-    honest = tg.expert_inputs
+    honest = nm.expert_inputs
 
     def gold_mask(*args, **kwargs):
         probs, valid, features = honest(*args, **kwargs)
         # "use an expert only where it gives the target a fair probability": that peeks at the target
         return probs, valid & (probs > 0.05), features
 
-    monkeypatch.setattr(tg, "expert_inputs", gold_mask)
+    monkeypatch.setattr(nm, "expert_inputs", gold_mask)
     failed(evaluate(tokens), "max_abs_sum_err")
 
 
 # ----- state: the cache, TTT and the gate may only hold scored targets -----
 
 def test_cache_extended_before_scoring_stops_the_run(tokens, monkeypatch):
-    honest = tg.score_span
+    honest = nm.score_span
 
     def extend_first(setup, first, end, cache=None, *rest):
         cache.extend(setup.tokens[cache.num_tokens:end])
         return honest(setup, first, end, cache, *rest)
 
-    monkeypatch.setattr(tg, "score_span", extend_first)
+    monkeypatch.setattr(nm, "score_span", extend_first)
     with pytest.raises(CausalityViolation, match="causality violated.*cache"):
         evaluate(tokens)
 
@@ -218,7 +219,7 @@ def test_cache_one_token_ahead_stops_the_run(tokens):
 
 
 def test_ttt_on_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
-    honest = tg.score_span
+    honest = nm.score_span
 
     def train_first(setup, first, end, cache=None, *rest):
         params = list(setup.model.parameters())
@@ -226,10 +227,10 @@ def test_ttt_on_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
         with torch.inference_mode(False), torch.enable_grad():
             for p in params:
                 p.grad = torch.zeros_like(p)
-            tg.ttt_on_chunk(setup, torch.optim.SGD(params, lr=0.05), params, first, end, 1, 0.05, 0.0)
+            nm.ttt_on_chunk(setup, torch.optim.SGD(params, lr=0.05), params, first, end, 1, 0.05, 0.0)
         return honest(setup, first, end, cache, *rest)
 
-    monkeypatch.setattr(tg, "score_span", train_first)
+    monkeypatch.setattr(nm, "score_span", train_first)
     with pytest.raises(CausalityViolation, match="causality violated.*TTT"):
         evaluate(tokens)
 
@@ -237,12 +238,12 @@ def test_ttt_on_a_chunk_before_scoring_it_stops_the_run(tokens, monkeypatch):
 def test_ttt_also_training_on_the_next_chunk_stops_the_run(tokens, monkeypatch):
     """TTT reports the chunk it was given but trains on it and the next, unscored one: its high-water mark comes
     from the indices it trained on, so the next chunk's first batch is refused."""
-    honest = tg.ttt_on_chunk
+    honest = nm.ttt_on_chunk
 
     def one_chunk_ahead(setup, optimizer, params, first, end, *rest):
         return honest(setup, optimizer, params, first, min(end + CHUNK, len(setup.tokens)), *rest)
 
-    monkeypatch.setattr(tg, "ttt_on_chunk", one_chunk_ahead)
+    monkeypatch.setattr(nm, "ttt_on_chunk", one_chunk_ahead)
     with pytest.raises(CausalityViolation, match="causality violated.*TTT"):
         evaluate(tokens, gate_steps=0)
 
@@ -250,7 +251,7 @@ def test_ttt_also_training_on_the_next_chunk_stops_the_run(tokens, monkeypatch):
 def test_gate_learning_within_a_chunk_scored_last_first_stops_the_run(tokens, monkeypatch):
     """The gate learns after every batch while a chunk's batches are scored last-first: an earlier batch is then
     scored by a gate that has seen later targets. Checked before every batch, not once per chunk."""
-    honest_schedule, honest_mix = tg.window_schedule, tg.mix
+    honest_schedule, honest_mix = nm.window_schedule, nm.scoring_rule
 
     def last_first(*args):
         return tuple(w.flip(0) for w in honest_schedule(*args))
@@ -262,20 +263,20 @@ def test_gate_learning_within_a_chunk_scored_last_first_stops_the_run(tokens, mo
                 online_gate.learn(setup.model.gate_logits, setup.model.neural_floor)
         return out
 
-    monkeypatch.setattr(tg, "window_schedule", last_first)
-    monkeypatch.setattr(tg, "mix", learn_per_batch)
+    monkeypatch.setattr(nm, "window_schedule", last_first)
+    monkeypatch.setattr(nm, "scoring_rule", learn_per_batch)
     with pytest.raises(CausalityViolation, match="causality violated.*the gate"):
         evaluate(tokens, ttt_epochs=0)
 
 
 def test_a_target_scored_twice_and_one_skipped_stops_the_run(tokens, monkeypatch):
     """C4: the last window of each span is replaced by a second copy of the first (its hard targets skipped)."""
-    honest = tg.window_schedule
+    honest = nm.window_schedule
 
     def skip_last(*args):
         return tuple(torch.cat((w[:1], w[:-1])) for w in honest(*args))
 
-    monkeypatch.setattr(tg, "window_schedule", skip_last)
+    monkeypatch.setattr(nm, "window_schedule", skip_last)
     with pytest.raises(CausalityViolation, match="not scored exactly once"):
         evaluate(tokens, ttt_epochs=0)
 
@@ -283,7 +284,7 @@ def test_a_target_scored_twice_and_one_skipped_stops_the_run(tokens, monkeypatch
 # ----- where the audit looks -----
 
 def test_sampled_positions_cover_edges_documents_and_the_first_chunk(tokens):
-    bounds = tg.chunk_bounds(len(tokens), CHUNK)
+    bounds = nm.chunk_bounds(len(tokens), CHUNK)
     positions = LegalityAudit.sampled(tokens, bounds, 1, 64, seed=3).positions
     documents = set((torch.nonzero(tokens[:-1] == 1).flatten() + 1).tolist())
     assert bool((positions >= 1).all()) and bool((positions < len(tokens)).all())
@@ -295,7 +296,7 @@ def test_sampled_positions_cover_edges_documents_and_the_first_chunk(tokens):
 
 
 def test_fresh_seeds_differ():
-    assert tg.fresh_seed(torch.device("cpu")) != tg.fresh_seed(torch.device("cpu"))
+    assert nm.fresh_seed(torch.device("cpu")) != nm.fresh_seed(torch.device("cpu"))
 
 
 def test_scoring_rule_ignores_the_runs_bf16_autocast_and_batch_size(tokens):
@@ -313,8 +314,8 @@ def test_scoring_rule_ignores_the_runs_bf16_autocast_and_batch_size(tokens):
     generator = torch.Generator().manual_seed(4)
     h = torch.randn(len(positions), model.tok_emb.embedding_dim, generator=generator)
     neural_lp = -torch.rand(len(positions), generator=generator) * 8
-    plain, _ = tg.mix(setup, cache, h, neural_lp, tokens, positions)
+    plain, _ = nm.scoring_rule(setup, cache, h, neural_lp, tokens, positions)
     setup.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    under_bf16, _ = tg.mix(setup, cache, h, neural_lp, tokens, positions)
-    alone, _ = tg.mix(setup, cache, h[:7], neural_lp[:7], tokens, positions[:7])
+    under_bf16, _ = nm.scoring_rule(setup, cache, h, neural_lp, tokens, positions)
+    alone, _ = nm.scoring_rule(setup, cache, h[:7], neural_lp[:7], tokens, positions[:7])
     assert (plain - under_bf16).abs().max() < 1e-6 and (plain[:7] - alone).abs().max() < 1e-6

@@ -20,9 +20,10 @@ import prove_causality  # noqa: E402
 LEAKY_TTT = f'''
 import sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
+import ngram_mixer
 import train_gpt as tg
 
-honest = tg.ttt_on_chunk
+honest = ngram_mixer.ttt_on_chunk
 
 
 def one_chunk_ahead(setup, optimizer, params, first, end, *rest):
@@ -34,7 +35,7 @@ def one_chunk_ahead(setup, optimizer, params, first, end, *rest):
         setup.tokens = tokens
 
 
-tg.ttt_on_chunk = one_chunk_ahead
+ngram_mixer.ttt_on_chunk = one_chunk_ahead
 if "--dodge-inline-proof" in sys.argv:
     tg.proof_target = lambda bounds, generator: 5  # the inline proof then compares the first chunk only
 tg.main()

@@ -44,8 +44,8 @@ def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=
     setup.min_count = min_count
     cache = NgramTables(1024, cache_orders) if cache_orders else None
     record = tg.TargetRecord(len(tokens) - 1, 1 + len(ORDERS), tokens.device)
-    ttt = tg.TTTConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0, gate_steps=gate_steps, gate_lr=0.05)
-    result = tg.eval_ngram_ttt(setup, bounds, cache, ttt, record=record)
+    ttt = tg.LearningConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0, gate_steps=gate_steps, gate_lr=0.05)
+    result = tg.evaluate_stream(setup, bounds, cache, ttt, record=record)
     result.record, result.model = record, model
     return result
 
@@ -176,7 +176,7 @@ def test_audit_catches_scores_that_are_not_distributions(sample_val_tokens):
         setup = make_setup(model, tokens, 32, 8)
         setup.min_count = 1
         audit = tg.LegalityAudit(audit_positions, seed=0)
-        return tg.eval_ngram_ttt(setup, bounds, cache, tg.TTTConfig(), audit)
+        return tg.evaluate_stream(setup, bounds, cache, tg.LearningConfig(), audit)
 
     honest = audited(NgramTables(1024, TABLE_ORDERS))
     inflated = audited(InflatedTables(1024, TABLE_ORDERS))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import ngram_mixer as nm  # noqa: E402
 import train_gpt as tg
 from conftest import (BASELINE_MODEL, REPO_ROOT, log_fields, SAMPLE_TOKENIZER, SAMPLE_TRAIN_SHARD, SAMPLE_VAL_SHARD,
                       TINY_ENV, log_value, model_args, run_trainer)
@@ -29,8 +30,8 @@ def tiny_model(num_experts=0, seed=0, document_order=0):
 
 
 def make_setup(model, tokens, seq_len, stride, windows_per_batch=3, rank=0, world_size=1):
-    luts = tg.build_byte_luts(tg.load_tokenizer(str(SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
-    return tg.EvalSetup(model, model.hidden, tokens, luts, seq_len, stride, windows_per_batch, rank, world_size)
+    byte_tables = tg.build_byte_tables(tg.load_tokenizer(str(SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
+    return tg.EvalSetup(model, model.hidden, tokens, byte_tables, seq_len, stride, windows_per_batch, rank, world_size)
 
 
 # ----- data -----
@@ -85,8 +86,8 @@ def test_missing_inputs_name_the_problem(tmp_path):
 
 
 def test_byte_luts_count_sample_val_bytes(sample_val_tokens):
-    luts = tg.build_byte_luts(tg.load_tokenizer(str(SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
-    n_bytes = tg.count_target_bytes(sample_val_tokens[:-1], sample_val_tokens[1:], luts).sum()
+    byte_tables = tg.build_byte_tables(tg.load_tokenizer(str(SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
+    n_bytes = nm.count_target_bytes(sample_val_tokens[:-1], sample_val_tokens[1:], byte_tables).sum()
     assert int(n_bytes) == 2_504_310
 
 
@@ -121,7 +122,7 @@ def test_token_stream_wraps_and_tracks_position():
 @pytest.mark.parametrize("first, end, seq_len, stride", [(1, 1000, 64, 64), (1, 1000, 64, 16), (1, 40, 64, 7),
                                                          (333, 1000, 64, 1), (500, 501, 32, 8), (1, 777, 50, 49)])
 def test_window_schedule_scores_each_target_once_with_full_context(first, end, seq_len, stride):
-    start, lo, hi = tg.window_schedule(first, end, seq_len, stride)
+    start, lo, hi = nm.window_schedule(first, end, seq_len, stride)
     assert lo[0] == first and hi[-1] == end and torch.equal(lo[1:], hi[:-1]) and bool((hi > lo).all())
     assert bool((hi - 1 - start <= seq_len).all())
     for s, a, b in zip(start.tolist(), lo.tolist(), hi.tolist()):
@@ -137,7 +138,7 @@ def test_plain_eval_equals_direct_loss(sample_val_tokens):
     val_loss, val_bpb = result.val_loss, result.val_bpb
     with torch.no_grad():
         loss, _, _ = model(tokens[:-1].reshape(4, 64), tokens[1:].reshape(4, 64))
-    n_bytes = tg.count_target_bytes(tokens[:-1], tokens[1:], setup.luts).sum().item()
+    n_bytes = nm.count_target_bytes(tokens[:-1], tokens[1:], setup.byte_tables).sum().item()
     assert val_loss == pytest.approx(loss.item(), abs=1e-5)
     assert val_bpb == pytest.approx(loss.item() * 256 / math.log(2) / n_bytes, abs=1e-5)
 
@@ -149,10 +150,10 @@ def test_sliding_eval_scores_each_target_from_its_window(sample_val_tokens):
     record = tg.TargetRecord(300, 0, tokens.device)
     record.nll.fill_(float("nan"))
     with torch.inference_mode():
-        sums = tg.score_span(setup, 1, 301, record=record)
+        sums = nm.score_span(setup, 1, 301, record=record)
     per_target = record.nll
     assert int(sums[3]) == 300 and not per_target.isnan().any()
-    start, lo, hi = tg.window_schedule(1, 301, seq_len, stride)
+    start, lo, hi = nm.window_schedule(1, 301, seq_len, stride)
     with torch.no_grad():
         for s, a, b in zip(start.tolist(), lo.tolist(), hi.tolist()):
             for t in (a, b - 1):
