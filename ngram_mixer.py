@@ -820,6 +820,51 @@ def table_mask(orders: tuple[int, ...], stream_positions: torch.Tensor, prefill_
     return (stream_positions < prefill_tokens)[None, :] & (stream_positions[None, :] >= order - 1)
 
 
+def prefill_tables(tokens: torch.Tensor, vocab_size: int, orders: tuple[int, ...],
+                   device) -> NgramTables:
+    """The frozen tables the gate trains on: orders 1 and `orders` counted over `tokens` ([N] int,
+    the first N tokens of the train stream), on `device`. Order 1 is the lowest level the smoothed
+    experts back off through before the uniform."""
+    tables = NgramTables(vocab_size, (1,) + orders, device=device)
+    tables.extend(tokens.to(device, torch.int64))
+    return tables
+
+
+def training_lookup_positions(span_starts: list[int], local_tokens: int, stride: int,
+                              device) -> torch.Tensor:
+    """[len(span_starts) * (local_tokens // stride)] int64: a training step's mixture targets as
+    positions in its segment, in micro-batch order. Span m of the segment starts at span_starts[m]
+    and holds local_tokens + 1 tokens; its targets are its positions 1..local_tokens, of which
+    every stride-th is looked up (the rows of train_gpt.GPT.mixture_rows). One n-gram lookup per
+    step then serves all micro-batches."""
+    starts = torch.tensor(span_starts, device=device)[:, None]
+    return (starts + torch.arange(stride, local_tokens + 1, stride, device=device)).reshape(-1)
+
+
+def training_expert_inputs(tables: NgramTables, segment: torch.Tensor, segment_start: int,
+                           stream_tokens: int, prefill_tokens: int, positions: torch.Tensor,
+                           min_count: int, *, discount: float, document: DocumentCache | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_inputs of a training step's mixture targets, with the frozen tables' leave-future-out.
+
+    segment: [L] int64, the train stream's tokens from index segment_start on (the stream has
+    stream_tokens tokens and wraps after its last); tables: prefill_tables of its first
+    prefill_tokens tokens; positions: [P] int64 indices into segment (training_lookup_positions).
+    A segment that the tables hold none of is counted in the evaluation form (chunk_start 0): the
+    same counts, without the table mask's work. Returns expert_inputs' (probs [K, P], valid [K, P],
+    features [P, F])."""
+    # n-grams the tables hold leave from t on, the others join before t; past the prefill (the usual
+    # case) none is held
+    end = segment_start + len(segment)
+    view = dict(chunk_start=0)  # the eval form (expert_inputs)
+    # past the stream's end it wraps to the prefill
+    if prefill_tokens and (segment_start < prefill_tokens or end > stream_tokens):
+        stream_positions = torch.arange(segment_start, end, device=segment.device) % stream_tokens
+        view = dict(in_table=table_mask(tables.orders, stream_positions, prefill_tokens))
+    return expert_inputs(tables, segment, positions, min_count, **view, discount=discount,
+                         document=document)
+
+
 class LookupPrefetch:
     """The next training step's lookup (its segment and expert_inputs), made while the device still runs this step.
 
@@ -1120,10 +1165,11 @@ def audit_failures(stats, audit: LegalityAudit | None = None) -> list[str]:
 # -----------------------------
 # EVALUATION
 # -----------------------------
-# Every target t in [1, N) of the val stream is scored exactly once, from a distribution over the whole vocabulary
-# that depends only on tokens < t (the model's causal window, n-gram counts before t); TTT and the online gate learn
-# from a chunk only after all its targets are scored. Before every batch the scorer checks that nothing has learned
-# from its targets; LegalityAudit re-scores sampled targets; train_gpt.final_pass proves the pass causal up to K.
+# Every target t in [1, N) of the val stream is scored exactly once, from a distribution over the
+# whole vocabulary that depends only on tokens < t (the model's causal window, n-gram counts before
+# t); TTT and the online gate learn from a chunk only after all its targets are scored. Before every
+# batch the scorer checks that nothing has learned from its targets; LegalityAudit re-scores sampled
+# targets; proved_pass proves the pass causal up to K.
 
 
 class ByteTables(NamedTuple):
@@ -1230,7 +1276,7 @@ class TargetRecord:
         bitwise (exact), or within PROOF_CUDA_TOLERANCE: CUDA's TTT backward adds in no fixed order."""
         pairs = [(mine[:n_targets].double(), theirs[:n_targets].double()) for mine, theirs in
                  ((self.nll, other.nll), (self.neural_nll, other.neural_nll), (self.weights, other.weights))]
-        gap = torch.stack([(a - b).abs().reshape(n_targets, -1).amax(1) for a, b in pairs]).amax(0)
+        gap = torch.stack([(a - b).abs().reshape(n_targets, -1).amax(1) for a, b in pairs if a.numel()]).amax(0)
         bad = torch.nonzero(gap > (0.0 if exact else PROOF_CUDA_TOLERANCE)).flatten()
         return (int(bad[0]) + 1, float(gap.max())) if len(bad) else None
 
@@ -1425,6 +1471,44 @@ def evaluate_stream(setup: EvalSetup, bounds: list[int], cache: NgramTables | No
         all_reduce(tensor)  # every target was written by exactly one rank, the others hold zeros there
     return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
                       int(n_bytes), time_ms, audit.reduce() if audit is not None else None)
+
+
+def proof_target(bounds: list[int], generator: torch.Generator) -> int:
+    """K of the inline causality proof: in the second or third chunk, the first scored after
+    learning (the first chunk if it is the only one), half the time at the chunk's first target,
+    else anywhere in it."""
+    chunk = min(len(bounds) - 2, 1 + int(torch.randint(2, (1,), generator=generator)))
+    first, end = bounds[chunk], bounds[chunk + 1]
+    after = int(torch.randint(first, end, (1,), generator=generator))
+    at_edge = bool(torch.rand(1, generator=generator) < 0.5)
+    return min(first if at_edge else after, bounds[-1] - 2)
+
+
+def proved_pass(setup: EvalSetup, bounds: list[int], new_cache, ttt: LearningConfig,
+                audit: LegalityAudit | None, record: TargetRecord | None, seed: int,
+                vocab_size: int, n_weights: int, device: torch.device
+                ) -> tuple[EvalResult, float, int, tuple[int, float] | None]:
+    """The scored pass (evaluate_stream) preceded by its inline causality proof: the same
+    evaluation, from the model's current weights, of the chunks up to a fresh target K on the val
+    stream with every token after K replaced. Every loss up to K must match the scored pass's:
+    nothing learned from a later token (through any state, however it was recorded) may reach them.
+    K = proof_target(bounds) drawn with `seed`; new_cache() gives each pass its own empty cache
+    (None without the mixer); record (a TargetRecord of every target, or None) keeps the scored
+    pass's per-target results; n_weights: the gate's slots (TargetRecord). Returns (result, the
+    proof's time in ms, K, the first difference (target, change) or None where the two agree)."""
+    after = proof_target(bounds, torch.Generator().manual_seed(seed))
+    val_tokens, initial = setup.tokens, {k: v.clone() for k, v in setup.model.state_dict().items()}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    setup.tokens = replace_tokens_from(val_tokens, after + 1, generator, vocab_size)
+    replaced = TargetRecord(after, n_weights, device)
+    proof = evaluate_stream(setup, bounds, new_cache(), ttt, None, replaced, stop_after=after)
+    setup.tokens, setup.ttt_trained_until = val_tokens, 0
+    setup.model.load_state_dict(initial)
+    kept = record if record is not None else TargetRecord(after, n_weights, device)
+    # A fresh cache: the training-time tables are never consulted at evaluation.
+    result = evaluate_stream(setup, bounds, new_cache(), ttt, audit, kept)
+    difference = kept.first_difference(replaced, after, exact=device.type != "cuda")
+    return result, proof.time_ms["total"], after, difference
 
 
 def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, tokens: Tensor, byte_tables, bos_id: int,

@@ -2,7 +2,7 @@
 # run.sh: train once per seed, then package the logs as a record folder (records/package.py).
 #
 #   RECORD_NAME=NgramMixer AUTHOR="Jane Doe" GITHUB_ID=janedoe BLURB="Exact n-gram mixer + TTT" \
-#       PACKAGE_ARGS="--sota-val-bpb 1.0856" bash run.sh                         # 3 seeds on 8xH100
+#       PACKAGE_ARGS="--sota-val-bpb 1.0611" bash run.sh                         # 3 seeds on 8xH100
 #   SEEDS="1337" RECORD_NAME=Try1 AUTHOR=me PACKAGE_ARGS=--non-record bash run.sh  # one seed, non-record track
 #   set -a; . configs/sample_cpu.env; set +a
 #   NPROC=1 SEEDS="1 2" RECORD_NAME=CpuDemo AUTHOR=me PACKAGE_ARGS=--non-record bash run.sh   # CPU demo

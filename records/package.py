@@ -3,7 +3,7 @@ records/package.py: check the seed logs of train_gpt.py and package them as a ch
 
   python records/package.py logs/nm_seed1337.txt logs/nm_seed42.txt logs/nm_seed2025.txt \
       --name NgramMixer --author "Jane Doe" --github-id janedoe --blurb "Exact n-gram mixer + TTT" \
-      --sota-val-bpb 1.0856
+      --sota-val-bpb 1.0611
   python records/package.py logs/cpu_seed*.txt --name CpuDemo --author me --non-record --out-root /tmp/records
 
 run.sh calls it after its seeds. It writes records/track_10min_16mb/<YYYY-MM-DD>_<Name>/ (track_non_record_16mb/

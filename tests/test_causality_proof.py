@@ -37,7 +37,7 @@ def one_chunk_ahead(setup, optimizer, params, first, end, *rest):
 
 ngram_mixer.ttt_on_chunk = one_chunk_ahead
 if "--dodge-inline-proof" in sys.argv:
-    tg.proof_target = lambda bounds, generator: 5  # the inline proof then compares the first chunk only
+    ngram_mixer.proof_target = lambda bounds, generator: 5  # the inline proof then compares the first chunk only
 tg.main()
 '''
 
@@ -89,3 +89,10 @@ def test_replaced_stream_is_logged_and_validated(tiny_env, artifact):
                           VAL_REPLACE_AFTER="4095")
     assert proc.returncode != 0 and "VAL_REPLACE_AFTER" in proc.stderr
     assert os.path.exists(artifact)
+
+
+def test_ttt_without_the_mixer_is_proved_too(tmp_path):
+    """NGRAM=0 TTT=1: the final pass keeps no mixing weights, and its proof compares the losses alone."""
+    proc, log = run_trainer(tmp_path, RUN_ID="ttt_only", NGRAM="0", ITERATIONS="2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "identical:True" in next(ln for ln in log.splitlines() if ln.startswith("causality_proof"))

@@ -268,8 +268,9 @@ def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch, pref
     run = SimpleNamespace(args=args, device=torch.device("cpu"), rank=0, world_size=1, distributed=False,
                           compile_model=False, bos_id=1, autocast=contextlib.nullcontext)
     trainer = tg.build_trainer(run, tg.list_shards(args.data_path, "train"))
-    masks = []
-    monkeypatch.setattr(tg, "table_mask", lambda *a: masks.append(a) or tg.ngram_mixer.table_mask(*a))
+    masks, honest_mask = [], tg.ngram_mixer.table_mask
+    # next_batch's lookup (ngram_mixer.training_expert_inputs) calls the mixer's table_mask
+    monkeypatch.setattr(tg.ngram_mixer, "table_mask", lambda *a: masks.append(a) or honest_mask(*a))
     stream = trainer.loader.stream
     for step in range(4):  # segments of 2,056 tokens: inside, across and past the 3,000-token prefill, then wrapping
         if step == 3:
@@ -277,7 +278,7 @@ def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch, pref
         position = stream.position
         segment, got = tg.next_batch(run, trainer)
         index = torch.arange(position, position + len(segment)) % stream.total_tokens
-        in_table = tg.ngram_mixer.table_mask(trainer.tables.orders, index, trainer.prefill_tokens)
+        in_table = honest_mask(trainer.tables.orders, index, trainer.prefill_tokens)
         expect = tg.expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
                                   in_table=in_table, discount=args.ngram_discount,
                                   document=args.document_cache(run.bos_id))
