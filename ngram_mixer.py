@@ -1420,9 +1420,55 @@ class LearningConfig:
     gate_lr: float = 0.01
 
 
+@dataclass
+class EvalBudget:
+    """EVAL_TIME_BUDGET for one pass: the evaluation must end by `deadline` (time.perf_counter() seconds). After
+    each chunk the pass projects its end from its own pace; when it would overrun, learning stops, TTT first, then
+    the online gate. Every target is still scored, and less adaptation never uses more information, so the pass
+    stays valid. Learning from a chunk that ends at or before `keep_until` is never skipped: the causality proof
+    re-ran those chunks with learning on. `log(msg)` writes the progress and budget lines."""
+    deadline: float
+    log: object = print
+    keep_until: int = 0
+    stopped: tuple[str, ...] = ()
+
+
+def _budget_step(budget: EvalBudget, i: int, bounds: list[int], sums: Tensor, time_ms: dict, started: float,
+                 device) -> None:
+    """After chunk i: a progress line every ~10% of chunks, and learning switched off when the projected end of
+    the pass is past the deadline (the same decision on every rank)."""
+    n_chunks, now = len(bounds) - 1, time.perf_counter()
+    done, left = i + 1, n_chunks - i - 1
+    per_chunk = {k: v / 1000.0 / done for k, v in time_ms.items()}
+    learning = [k for k in ("ttt", "gate") if k not in budget.stopped]
+    projected = now + left * (per_chunk["score"] + per_chunk["cache"] + sum(per_chunk[k] for k in learning))
+    if done % max(1, n_chunks // 10) == 0 or left == 0:
+        _, nll, n_bytes, n_tokens = all_reduce(sums.clone()).tolist()
+        budget.log(f"eval_progress chunks:{done}/{n_chunks} targets:{int(n_tokens)} "
+                   f"val_bpb:{nll / math.log(2.0) / max(n_bytes, 1.0):.4f} elapsed:{now - started:.1f}s "
+                   f"projected:{projected - started:.1f}s")
+    if bounds[i + 1] <= budget.keep_until or not learning:
+        return
+    # what each rank would switch off now; the largest answer wins, so every rank switches off the same
+    stop, estimate = torch.zeros(2, device=device), projected
+    for k, learner in enumerate(learning):
+        if estimate <= budget.deadline:
+            break
+        stop[k] = 1.0
+        estimate -= left * per_chunk[learner]
+    stop = all_reduce(stop, dist.ReduceOp.MAX)
+    for k, learner in enumerate(learning):
+        if stop[k] > 0:
+            projected -= left * per_chunk[learner]
+            budget.stopped += (learner,)
+            budget.log(f"eval_budget chunk:{done}/{n_chunks} stopped:{learner} "
+                       f"targets_left:{bounds[-1] - bounds[i + 1]} elapsed:{now - started:.1f}s "
+                       f"projected:{projected - started:.1f}s")
+
+
 def evaluate_stream(setup: EvalSetup, bounds: list[int], cache: NgramTables | None, ttt: LearningConfig,
                    audit: LegalityAudit | None = None, record: TargetRecord | None = None,
-                   stop_after: int = sys.maxsize) -> EvalResult:
+                   stop_after: int = sys.maxsize, budget: EvalBudget | None = None) -> EvalResult:
     """Score-then-update over the chunks [bounds[i], bounds[i+1]): score every target of the chunk, THEN extend the
     cache with it, THEN learn from it (online gate, TTT). `cache` must start empty (it is identical on all ranks);
     nothing of a chunk reaches the cache or the weights before it is scored."""
@@ -1450,15 +1496,21 @@ def evaluate_stream(setup: EvalSetup, bounds: list[int], cache: NgramTables | No
         return out
 
     n_learn = len(bounds) - 2  # the last chunk is never learned from
+    started = time.perf_counter()
     for i, (first, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         sums += timed("score", score_span, setup, first, end, cache, audit, record, online_gate)
+        if budget is not None:
+            _budget_step(budget, i, bounds, sums, time_ms, started, device)
         if i == n_learn or end > stop_after:
             break  # nothing is left to score, so the last chunk need not be learned from
         if cache is not None:
             timed("cache", cache.extend, tokens[cache.num_tokens:end])
-        if online_gate is not None:
+        stopped = budget.stopped if budget is not None else ()
+        if online_gate is not None and "gate" not in stopped:
             timed("gate", online_gate.learn, setup.model.gate_logits, setup.model.neural_floor, setup.autocast)
-        if optimizer is not None:
+        elif online_gate is not None:
+            online_gate.kept = []  # remembered for a step that will not come
+        if optimizer is not None and "ttt" not in stopped:
             lr = ttt.lr * (0.5 * (1 + math.cos(math.pi * i / n_learn)) if ttt.cosine else 1.0)
             timed("ttt", ttt_on_chunk, setup, optimizer, params, first, end, ttt.epochs, lr, ttt.grad_clip)
     if audit is not None:
@@ -1486,7 +1538,8 @@ def proof_target(bounds: list[int], generator: torch.Generator) -> int:
 
 def proved_pass(setup: EvalSetup, bounds: list[int], new_cache, ttt: LearningConfig,
                 audit: LegalityAudit | None, record: TargetRecord | None, seed: int,
-                vocab_size: int, n_weights: int, device: torch.device
+                vocab_size: int, n_weights: int, device: torch.device,
+                budget: EvalBudget | None = None
                 ) -> tuple[EvalResult, float, int, tuple[int, float] | None]:
     """The scored pass (evaluate_stream) preceded by its inline causality proof: the same
     evaluation, from the model's current weights, of the chunks up to a fresh target K on the val
@@ -1494,7 +1547,8 @@ def proved_pass(setup: EvalSetup, bounds: list[int], new_cache, ttt: LearningCon
     nothing learned from a later token (through any state, however it was recorded) may reach them.
     K = proof_target(bounds) drawn with `seed`; new_cache() gives each pass its own empty cache
     (None without the mixer); record (a TargetRecord of every target, or None) keeps the scored
-    pass's per-target results; n_weights: the gate's slots (TargetRecord). Returns (result, the
+    pass's per-target results; n_weights: the gate's slots (TargetRecord); budget: the scored
+    pass's EVAL_TIME_BUDGET, which may stop learning only past K. Returns (result, the
     proof's time in ms, K, the first difference (target, change) or None where the two agree)."""
     after = proof_target(bounds, torch.Generator().manual_seed(seed))
     val_tokens, initial = setup.tokens, {k: v.clone() for k, v in setup.model.state_dict().items()}
@@ -1505,8 +1559,10 @@ def proved_pass(setup: EvalSetup, bounds: list[int], new_cache, ttt: LearningCon
     setup.tokens, setup.ttt_trained_until = val_tokens, 0
     setup.model.load_state_dict(initial)
     kept = record if record is not None else TargetRecord(after, n_weights, device)
+    if budget is not None:
+        budget.keep_until = after
     # A fresh cache: the training-time tables are never consulted at evaluation.
-    result = evaluate_stream(setup, bounds, new_cache(), ttt, audit, kept)
+    result = evaluate_stream(setup, bounds, new_cache(), ttt, audit, kept, budget=budget)
     difference = kept.first_difference(replaced, after, exact=device.type != "cuda")
     return result, proof.time_ms["total"], after, difference
 

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, TINY_ENV, run_trainer
@@ -96,3 +97,23 @@ def test_ttt_without_the_mixer_is_proved_too(tmp_path):
     proc, log = run_trainer(tmp_path, RUN_ID="ttt_only", NGRAM="0", ITERATIONS="2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "identical:True" in next(ln for ln in log.splitlines() if ln.startswith("causality_proof"))
+
+
+def test_a_tiny_eval_time_budget_stops_learning_but_scores_every_target(tmp_path):
+    """EVAL_TIME_BUDGET: past the projection, TTT and then the gate stop (never before the proof's K), every
+    target is still scored once, the audit and the proof pass, and the dump covers every target."""
+    proc, log = run_trainer(tmp_path, RUN_ID="budget", ITERATIONS="2", VAL_MAX_TOKENS="8192",
+                            EVAL_TIME_BUDGET="0.01", EVAL_DUMP="budget.npz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = log.splitlines()
+    stopped = [ln for ln in lines if ln.startswith("eval_budget ")]
+    assert [ln.split()[2] for ln in stopped] == ["stopped:ttt", "stopped:gate"], stopped
+    after = int(next(ln for ln in lines if ln.startswith("causality_proof")).split()[1].split(":")[1])
+    first_stop = int(stopped[0].split()[1].split(":")[1].split("/")[0])
+    assert first_stop * 1024 + 1 > after  # the chunk it stopped after ends past K (EVAL_CHUNK_TOKENS=1024)
+    assert any(ln.startswith("eval_progress chunks:8/8 targets:8191 ") for ln in lines)
+    assert "scored_tokens:8191 " in log and "identical:True" in log
+    assert not any(ln.startswith("LEGALITY_AUDIT_FAILED") for ln in lines)
+    dump = np.load(tmp_path / "budget.npz")
+    assert len(dump["nll"]) == 8191 and bool((dump["nll"] > 0).all())
+    assert any(ln.startswith("eval_wallclock:") for ln in lines)
