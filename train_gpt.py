@@ -83,7 +83,8 @@ class Hyperparameters:
         self.val_loss_every = int(os.environ.get("VAL_LOSS_EVERY", 1000))
         self.val_batch_size = int(os.environ.get("VAL_BATCH_SIZE", 524_288))
         self.val_max_tokens = int(os.environ.get("VAL_MAX_TOKENS", 0))
-        self.compile = bool(int(os.environ.get("COMPILE", 1)))
+        # torch.compile: -1 = on CUDA only, 1 = also on CPU (inductor), 0 = off.
+        self.compile = int(os.environ.get("COMPILE", -1))
         # Model shape.
         self.vocab_size = int(os.environ.get("VOCAB_SIZE", 8192))
         self.num_layers = int(os.environ.get("NUM_LAYERS", 11))
@@ -357,7 +358,7 @@ def build_optimizers(args: Hyperparameters, model: GPT) -> list[torch.optim.Opti
                   Muon(matrix_params, lr=args.matrix_lr, momentum=args.muon_momentum,
                        backend_steps=args.muon_backend_steps, row_normalize=args.muon_row_normalize,
                        polar_express=args.muon_polar_express, weight_decay=args.muon_wd,
-                       compile=fused and args.compile)]
+                       compile=fused and args.compile != 0)]
     for opt in optimizers:
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -1027,7 +1028,7 @@ class Run:
     world_size: int
     distributed: bool
     device: torch.device
-    compile_model: bool  # torch.compile on CUDA only
+    compile_model: bool  # COMPILE: on CUDA by default, on CPU when set to 1
     run_id: str
     log_path: Path
     artifact_path: Path
@@ -1089,7 +1090,8 @@ def start_run(args: Hyperparameters) -> Run:
     code_files = [Path(__file__).resolve(), Path(ngram_mixer.__file__).resolve()]
     code = [f.read_bytes() for f in code_files]
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    run = Run(args, rank, world_size, distributed, device, args.compile and use_cuda, run_id,
+    compile_model = args.compile == 1 or (args.compile == -1 and use_cuda)
+    run = Run(args, rank, world_size, distributed, device, compile_model, run_id,
               log_path, artifact_path, sum(len(c) for c in code), int(sp.bos_id()),
               build_byte_tables(sp, args.vocab_size, device),
               load_validation_tokens(args.data_path, args.vocab_size,
