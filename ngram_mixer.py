@@ -1272,13 +1272,22 @@ class TargetRecord:
             self.rows[2][index] = weights.float()
 
     def first_difference(self, other: "TargetRecord", n_targets: int, exact: bool) -> tuple[int, float] | None:
-        """(first target, largest difference) where the two records' first n_targets differ, None where they agree
-        bitwise (exact), or within PROOF_CUDA_TOLERANCE: CUDA's TTT backward adds in no fixed order."""
-        pairs = [(mine[:n_targets].double(), theirs[:n_targets].double()) for mine, theirs in
-                 ((self.nll, other.nll), (self.neural_nll, other.neural_nll), (self.weights, other.weights))]
-        gap = torch.stack([(a - b).abs().reshape(n_targets, -1).amax(1) for a, b in pairs if a.numel()]).amax(0)
-        bad = torch.nonzero(gap > (0.0 if exact else PROOF_CUDA_TOLERANCE)).flatten()
-        return (int(bad[0]) + 1, float(gap.max())) if len(bad) else None
+        """first_difference of the two records' per-target arrays, bitwise (exact) or within
+        PROOF_CUDA_TOLERANCE: CUDA's TTT backward adds in no fixed order."""
+        return first_difference([self.nll, self.neural_nll, self.weights],
+                                [other.nll, other.neural_nll, other.weights], n_targets,
+                                0.0 if exact else PROOF_CUDA_TOLERANCE)
+
+
+def first_difference(mine: list[Tensor], theirs: list[Tensor], n_targets: int,
+                     tolerance: float = 0.0) -> tuple[int, float] | None:
+    """(first target, largest difference) where the per-target arrays (each [N] or [N, K], in val order from
+    target 1) differ by more than `tolerance` over targets 1..n_targets; None where they all agree."""
+    gaps = [(a[:n_targets].double() - b[:n_targets].double()).abs().reshape(n_targets, -1).amax(1)
+            for a, b in zip(mine, theirs) if a.numel()]
+    gap = torch.stack(gaps).amax(0)
+    bad = torch.nonzero(gap > tolerance).flatten()
+    return (int(bad[0]) + 1, float(gap.max())) if len(bad) else None
 
 
 @torch.inference_mode()

@@ -52,8 +52,6 @@ from ngram_mixer import (ByteTables, CausalityViolation, DocumentCache, EvalBudg
                          expert_feature_count, fresh_seed, mixture_logprob, mixture_weights,
                          prefill_tables, proved_pass, replace_tokens_from, training_expert_inputs,
                          training_lookup_positions, write_eval_dump)
-# Used inside ngram_mixer; tests and tools still reach them as train_gpt.<name>.
-from ngram_mixer import evaluate_stream, expert_inputs, table_mask  # noqa: F401
 
 # ----------------------------- HYPERPARAMETERS -----------------------------
 # Defaults are the SP8192 record stack (PR #1493: 11 x 512, MLP 4x LeakyReLU(0.5)^2, partial RoPE,

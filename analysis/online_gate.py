@@ -49,7 +49,7 @@ def replay(tg, args, artifact: Path) -> dict:
                 first, end, setup.seq_len, setup.stride))):
             positions, h, log_probs = nm.forward_windows(setup, tokens, *window)
             neural_lp = log_probs.gather(1, tokens[positions][:, None]).squeeze(1)
-            probs, valid, features = tg.expert_inputs(cache, tokens, positions, setup.min_count,
+            probs, valid, features = nm.expert_inputs(cache, tokens, positions, setup.min_count,
                                                       discount=setup.ngram_discount, document=setup.document)
             parts.append((positions, h, neural_lp, probs, valid, features))
         chunks.append([torch.cat([p[i] for p in parts], dim=1 if i in (3, 4) else 0) for i in range(6)])

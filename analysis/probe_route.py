@@ -266,7 +266,7 @@ def causal_cache_experts(tokens: Tensor, vocab_size: int, orders, chunk_tokens: 
     bounds = tg.chunk_bounds(len(tokens), chunk_tokens)
     probs, valid, features = [], [], []
     for first, end in zip(bounds[:-1], bounds[1:]):
-        p, v, f = tg.expert_inputs(cache, tokens, torch.arange(first, end), min_count, discount=discount,
+        p, v, f = nm.expert_inputs(cache, tokens, torch.arange(first, end), min_count, discount=discount,
                                    document=document)
         probs.append(p)
         valid.append(v)
@@ -397,8 +397,8 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     tables = NgramTables(args.vocab_size, (1,) + orders)
     tables.extend(train_stream[:prefill_tokens])
     # Train positions are the first pass over the stream, so stream position == index (no wrap-around).
-    in_table = tg.table_mask(tables.orders, torch.arange(len(train_stream)), prefill_tokens)
-    train_probs, train_valid, _ = tg.expert_inputs(tables, train_stream, train.positions, args.ngram_min_count,
+    in_table = nm.table_mask(tables.orders, torch.arange(len(train_stream)), prefill_tokens)
+    train_probs, train_valid, _ = nm.expert_inputs(tables, train_stream, train.positions, args.ngram_min_count,
                                                    in_table=in_table, discount=args.ngram_discount,
                                                    document=document)
     del tables
@@ -520,7 +520,7 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"ARTIFACT {opts.artifact} is not a file")
     apply_config_defaults(opts.config)
     # train_gpt reads its Hyperparameters from the environment, so it is imported only once that is set.
-    tg = importlib.import_module("train_gpt")
+    tg, nm = importlib.import_module("train_gpt"), importlib.import_module("ngram_mixer")
     args = tg.Hyperparameters()
     device = torch.device("cpu")
     t0 = time.perf_counter()
@@ -565,7 +565,7 @@ def main(argv=None) -> dict:
         setup = tg.EvalSetup(model, model.hidden, val_tokens, byte_tables, args.train_seq_len, args.eval_stride,
                              max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
                              ngram_discount=args.ngram_discount, document=document)
-        reference = tg.evaluate_stream(setup, tg.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
+        reference = nm.evaluate_stream(setup, tg.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
                                       tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders), tg.LearningConfig())
         result["gate"]["own_gate"]["train_gpt_eval_bpb"] = reference.val_bpb
         result["gate"]["own_gate"]["abs_diff_vs_train_gpt_eval"] = abs(reference.val_bpb -

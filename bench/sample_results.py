@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+import ngram_mixer as nm
 import train_gpt as tg  # noqa: E402
 from devkit import log_fields, parse_log, read_env_file  # noqa: E402
 from ngram_mixer import NgramTables  # noqa: E402
@@ -62,7 +63,7 @@ def main():
         record = tg.TargetRecord(len(run.val_tokens) - 1, 1 + args.ngram_experts, run.device)
         ttt = tg.LearningConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip,
                            gate_steps, args.ngram_gate_eval_lr)
-        result = tg.evaluate_stream(setup, bounds, cache, ttt, audit, record)
+        result = nm.evaluate_stream(setup, bounds, cache, ttt, audit, record)
         tg.write_eval_dump(workdir / f"{name}.npz", record, result, run.val_tokens, run.byte_tables, run.bos_id, name)
         return result
 

@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from devkit import parse_log  # noqa: E402
+from ngram_mixer import first_difference  # noqa: E402
 
 # The per-target arrays that must not move (EVAL_DUMP's): the system's loss, the model's, the gate's weights.
 COMPARED = ("nll", "neural_nll", "gate_weights")
@@ -50,17 +52,6 @@ def evaluate(trainer: Path, artifact: Path, run_id: str, dump: Path, nproc: int,
         raise SystemExit(f"prove_causality: the evaluation {run_id} failed (exit {proc.returncode}); log {log}:\n"
                          f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
     return log
-
-
-def first_difference(plain: dict, replaced: dict, after: int) -> dict | None:
-    """The first target <= after whose compared values differ bitwise between the dumps, or None."""
-    for name in COMPARED:
-        a, b = plain[name][:after], replaced[name][:after]
-        differs = (a != b).reshape(len(a), -1).any(axis=1) if a.size else np.zeros(0, bool)
-        if differs.any():
-            i = int(np.argmax(differs))
-            return dict(array=name, target=i + 1, plain=a[i].tolist(), replaced=b[i].tolist())
-    return None
 
 
 def sha256(path: Path) -> str:
@@ -95,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     replaced_log = evaluate(args.trainer, args.artifact, f"causality_{stamp}_replaced", out / "replaced.npz",
                             args.nproc, AUDIT_SEED=audit_seed, VAL_REPLACE_AFTER=after)
     replaced = dict(np.load(out / "replaced.npz"))
-    difference = first_difference(plain, replaced, after)
+    found = first_difference([torch.from_numpy(plain[name]) for name in COMPARED],
+                             [torch.from_numpy(replaced[name]) for name in COMPARED], after)
+    difference = None if found is None else dict(target=found[0], largest_change=found[1])
     # The replaced stream must really differ after K, or the proof proves nothing.
     moved = int((plain["nll"][after:] != replaced["nll"][after:]).sum())
     run = parse_log(plain_log)
@@ -109,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"causality_proof after:{after} targets:{after} identical:{difference is None} "
           f"moved_after:{moved} passed:{proof['passed']} -> {out / 'causality_proof.json'}")
     if difference is not None:
-        print(f"target {difference['target']}'s {difference['array']} changed when tokens after {after} were "
-              f"replaced: {difference['plain']} -> {difference['replaced']}")
+        print(f"target {difference['target']}'s loss changed when tokens after {after} were replaced (by up to "
+              f"{difference['largest_change']:.3e} over targets up to {after})")
     return 0 if proof["passed"] else 1
 
 

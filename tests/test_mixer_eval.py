@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ngram_mixer
+import ngram_mixer as nm
 import train_gpt as tg
 from conftest import REPO_ROOT, log_value, run_trainer
 from ngram_mixer import ExpertCounts, NgramTables, mixture_logprob, mixture_weights
@@ -45,7 +46,7 @@ def run_eval(tokens, state, bounds, ttt_epochs, seq_len=32, stride=8, min_count=
     cache = NgramTables(1024, cache_orders) if cache_orders else None
     record = tg.TargetRecord(len(tokens) - 1, 1 + len(ORDERS), tokens.device)
     ttt = tg.LearningConfig(ttt_epochs, lr=0.05, cosine=False, grad_clip=0.0, gate_steps=gate_steps, gate_lr=0.05)
-    result = tg.evaluate_stream(setup, bounds, cache, ttt, record=record)
+    result = nm.evaluate_stream(setup, bounds, cache, ttt, record=record)
     result.record, result.model = record, model
     return result
 
@@ -176,7 +177,7 @@ def test_audit_catches_scores_that_are_not_distributions(sample_val_tokens):
         setup = make_setup(model, tokens, 32, 8)
         setup.min_count = 1
         audit = tg.LegalityAudit(audit_positions, seed=0)
-        return tg.evaluate_stream(setup, bounds, cache, tg.LearningConfig(), audit)
+        return nm.evaluate_stream(setup, bounds, cache, tg.LearningConfig(), audit)
 
     honest = audited(NgramTables(1024, TABLE_ORDERS))
     inflated = audited(InflatedTables(1024, TABLE_ORDERS))
@@ -200,7 +201,7 @@ def train_gate(stream, steps=60, seq_len=64, batch=8, seed=0):
     model = tiny_model(num_experts=len(ORDERS), seed=seed)
     tables = NgramTables(1024, TABLE_ORDERS)
     tables.extend(stream)
-    in_table = tg.table_mask(TABLE_ORDERS, torch.arange(len(stream)), len(stream))
+    in_table = nm.table_mask(TABLE_ORDERS, torch.arange(len(stream)), len(stream))
     gate_params = list(model.gate.parameters()) + list(model.gate_features.parameters())
     other = [p for p in model.parameters() if all(p is not g for g in gate_params)]
     optimizer = torch.optim.Adam([dict(params=other, lr=3e-3), dict(params=gate_params, lr=3e-2)])
@@ -209,7 +210,7 @@ def train_gate(stream, steps=60, seq_len=64, batch=8, seed=0):
     def batch_inputs(index):
         starts = index * seq_len
         positions = (starts[:, None] + torch.arange(1, seq_len + 1)).reshape(-1)
-        probs, valid, features = tg.expert_inputs(tables, stream, positions, 2, in_table=in_table, discount=0.87)
+        probs, valid, features = nm.expert_inputs(tables, stream, positions, 2, in_table=in_table, discount=0.87)
         x = stream[positions - 1].reshape(-1, seq_len)
         return x, stream[positions].reshape(-1, seq_len), probs, valid, features
 

@@ -279,7 +279,7 @@ def test_lookup_past_the_prefill_counts_as_with_the_table_mask(monkeypatch, pref
         segment, got = tg.next_batch(run, trainer)
         index = torch.arange(position, position + len(segment)) % stream.total_tokens
         in_table = honest_mask(trainer.tables.orders, index, trainer.prefill_tokens)
-        expect = tg.expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
+        expect = nm.expert_inputs(trainer.tables, segment, trainer.lookup_positions, args.ngram_min_count,
                                   in_table=in_table, discount=args.ngram_discount,
                                   document=args.document_cache(run.bos_id))
         assert all(torch.equal(a, b) for a, b in zip(got, expect))
@@ -359,11 +359,11 @@ def test_lookup_prefetch_on_a_side_stream_matches_inline():
     tables = tg.NgramTables(1024, (1, 2, 3, 4, 5, 6, 7), device=device)
     tables.extend(tokens)  # the tables hold the segment: leave-future-out
     positions = torch.arange(150_001, 190_000, 16, device=device)
-    in_table = tg.table_mask(tables.orders, torch.arange(150_000, 200_000, device=device), 200_000)
+    in_table = nm.table_mask(tables.orders, torch.arange(150_000, 200_000, device=device), 200_000)
     segment = tokens[150_000:]
 
     def make():
-        return tg.expert_inputs(tables, segment, positions - 150_000, 1, in_table=in_table, discount=0.87)
+        return nm.expert_inputs(tables, segment, positions - 150_000, 1, in_table=in_table, discount=0.87)
 
     expect = make()
     prefetch = tg.LookupPrefetch(device)
