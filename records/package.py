@@ -315,7 +315,7 @@ def readme_text(runs: list[RunLog], args: argparse.Namespace, track: str) -> str
         "| seed | val_loss | val_bpb | steps | step_avg | train time | eval time | artifact bytes |",
         "|---|---|---|---|---|---|---|---|",
         *rows, "",
-        "Train time includes the n-gram prefill; eval time is the roundtrip eval plus the n-gram/TTT pass. "
+        "Train time includes the n-gram prefill; eval time is the wall clock from reading the artifact to the last score line. "
         f"Code: {first.bytes_code:,} bytes (train_gpt.py + ngram_mixer.py), code_sha256 `{first.code_sha256}`.", "",
         *(["Legality audit (at sampled targets, re-scored with the target and every later token replaced, the "
            "distribution sums to 1, gives the logged score and does not move):", *audits, ""] * bool(audits)),
