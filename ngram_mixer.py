@@ -812,6 +812,13 @@ def expert_inputs(tables: NgramTables, stream: torch.Tensor, positions: torch.Te
     return probs, valid, features
 
 
+def no_expert_inputs(n_experts: int, rows: int, n_features: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """expert_inputs' shapes with no valid expert: mixture_weights then gives the neural slot all the weight."""
+    return (torch.zeros(n_experts, rows, device=device),
+            torch.zeros(n_experts, rows, dtype=torch.bool, device=device),
+            torch.zeros(rows, n_features, device=device))
+
+
 def table_mask(orders: tuple[int, ...], stream_positions: torch.Tensor, prefill_tokens: int) -> torch.Tensor:
     """[K, L] bool: where the n-gram ending at these train-stream positions was counted into the frozen tables.
     The tables hold stream[0:prefill_tokens]; an n-gram whose window wraps past the end of the stream back to its
@@ -1254,22 +1261,26 @@ def scoring_rule(setup: EvalSetup, cache: NgramTables | None, h: Tensor, neural_
 
 class TargetRecord:
     """Per-target results of one pass for targets 1..n_targets, in val order (index t - 1): full-system NLL,
-    neural NLL, mixing weights. Later targets are not kept."""
+    neural NLL, mixing weights, and the neural model's largest log-probability over the vocabulary (its
+    confidence, a function of the prefix). Later targets are not kept."""
 
     def __init__(self, n_targets: int, n_weights: int, device: torch.device):
         # one spare row takes the later targets' writes, so storing needs no mask (and no device sync)
         self.n_targets = n_targets
-        nll, neural_nll = (torch.zeros(n_targets + 1, dtype=torch.float64, device=device) for _ in range(2))
+        nll, neural_nll, neural_top = (torch.zeros(n_targets + 1, dtype=torch.float64, device=device)
+                                       for _ in range(3))
         weights = torch.zeros(n_targets + 1, n_weights, dtype=torch.float32, device=device)
-        self.rows = (nll, neural_nll, weights)
-        self.nll, self.neural_nll, self.weights = (row[:n_targets] for row in self.rows)
+        self.rows = (nll, neural_nll, weights, neural_top)
+        self.nll, self.neural_nll, self.weights, self.neural_top = (row[:n_targets] for row in self.rows)
 
-    def store(self, positions: Tensor, neural_lp: Tensor, mixed_lp: Tensor, weights: Tensor | None) -> None:
+    def store(self, positions: Tensor, log_probs: Tensor, neural_lp: Tensor, mixed_lp: Tensor,
+              weights: Tensor | None) -> None:
         index = (positions - 1).clamp(max=self.n_targets)
         self.rows[0][index] = -mixed_lp.double()
         self.rows[1][index] = -neural_lp.double()
         if weights is not None:
             self.rows[2][index] = weights.float()
+        self.rows[3][index] = log_probs.amax(-1).double()
 
     def first_difference(self, other: "TargetRecord", n_targets: int, exact: bool) -> tuple[int, float] | None:
         """first_difference of the two records' per-target arrays, bitwise (exact) or within
@@ -1316,7 +1327,7 @@ def score_span(setup: EvalSetup, first: int, end: int, cache: NgramTables | None
             audit.check(lambda *a: scoring_rule(setup, cache, *a)[0], lambda stream: forward_windows(setup, stream, *windows),
                         tokens, positions, h, log_probs, mixed_lp)
         if record is not None:
-            record.store(positions, neural_lp, mixed_lp, weights)
+            record.store(positions, log_probs, neural_lp, mixed_lp, weights)
         n_bytes = count_target_bytes(tokens[positions - 1], targets, setup.byte_tables)
         # Sums in float64 and one division at the end (BPB = sum NLL / ln 2 / sum bytes), as nanochat does.
         sums += torch.stack((-neural_lp.double().sum(), -mixed_lp.double().sum(), n_bytes.double().sum(),
@@ -1528,7 +1539,7 @@ def evaluate_stream(setup: EvalSetup, bounds: list[int], cache: NgramTables | No
     time_ms["total"] = sum(time_ms.values())
     neural_nll, nll, n_bytes, n_tokens = all_reduce(sums).tolist()
     check_scored_once(setup, end, n_bytes)
-    for tensor in (record.nll, record.neural_nll, record.weights) if record is not None else ():
+    for tensor in (record.nll, record.neural_nll, record.weights, record.neural_top) if record is not None else ():
         all_reduce(tensor)  # every target was written by exactly one rank, the others hold zeros there
     return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
                       int(n_bytes), time_ms, audit.reduce() if audit is not None else None)
@@ -1576,13 +1587,55 @@ def proved_pass(setup: EvalSetup, bounds: list[int], new_cache, ttt: LearningCon
     return result, proof.time_ms["total"], after, difference
 
 
-def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, tokens: Tensor, byte_tables, bos_id: int,
-                    run_id: str) -> None:
+def context_last_seen(tokens: Tensor, orders: tuple[int, ...], vocab_size: int) -> tuple[Tensor, Tensor]:
+    """For each target t = 1..N-1 of a token stream ([N] int64): the longest order n of `orders` (ascending)
+    whose context tokens[t-n+1:t] ended an earlier n-gram, i.e. precedes some earlier target s < t, and t - s
+    for the latest such s; (0, 0) where no context was seen. ([N-1] int64 each.) The cache's counts at t see
+    the same n-grams (every one before t), so order n here is the longest context the cache has counts for.
+    Contexts are compared through their exact or 63-bit hashed keys (_context_keys). Reads only tokens < t."""
+    targets = torch.arange(1, len(tokens), device=tokens.device)
+    order = torch.zeros_like(targets)
+    distance = torch.zeros_like(targets)
+    keys = _context_keys(_columns(tokens, targets, orders[-1]), vocab_size, orders)
+    for n, key in zip(orders, keys):
+        # where t < n-1 the context would reach before the stream: a key of its own (-t - 1) never matches
+        key = torch.where(targets >= n - 1, key, -targets - 1)
+        sorted_keys, index = torch.sort(key, stable=True)  # equal keys keep val order
+        repeat = torch.zeros_like(targets, dtype=torch.bool)
+        repeat[1:] = sorted_keys[1:] == sorted_keys[:-1]
+        previous = torch.full_like(targets, -1)
+        previous[index[1:]] = torch.where(repeat[1:], targets[index[:-1]], -1)
+        seen = previous >= 0
+        order = torch.where(seen, n, order)
+        distance = torch.where(seen, targets - previous, distance)
+    return order, distance
+
+
+def model_context(n_tokens: int, seq_len: int, stride: int) -> Tensor:
+    """[n_tokens - 1] int64: how many tokens the scoring window of each target t = 1..n_tokens-1 reads before it
+    (window_schedule's windows over the whole stream)."""
+    start, lo, hi = window_schedule(1, n_tokens, seq_len, stride)
+    return torch.arange(1, n_tokens) - torch.repeat_interleave(start, hi - lo)
+
+
+def write_eval_dump(path: Path, record: TargetRecord, result: EvalResult, setup: EvalSetup, bos_id: int,
+                    run_id: str, orders: tuple[int, ...], expert_names: list[str]) -> None:
     """EVAL_DUMP: per-target arrays in val order (t = 1..N-1) and the pass's scores, as an npz file. Its
-    nll.sum() / (ln 2 * bytes.sum()) is the logged val_bpb up to float64 summation order."""
-    n_bytes = count_target_bytes(tokens[:-1], tokens[1:], byte_tables)
+    nll.sum() / (ln 2 * bytes.sum()) is the logged val_bpb up to float64 summation order. Besides the scores,
+    for analysis (analysis/mixer_gain.py), each a function of the prefix: the neural model's top
+    log-probability, the longest cache context seen before and how far back (context_last_seen over `orders`),
+    and the tokens the model's window read (model_context). expert_names: the gate_weights columns."""
+    tokens = setup.tokens
+    n_bytes = count_target_bytes(tokens[:-1], tokens[1:], setup.byte_tables)
     doc_id = torch.cumsum((tokens == bos_id).long(), 0)[1:] - 1
+    vocab_size = setup.byte_tables.base_bytes.numel()
+    longest, last_seen = context_last_seen(tokens, orders, vocab_size) if orders else (None, None)
     arrays = dict(nll=record.nll, neural_nll=record.neural_nll, bytes=n_bytes, doc_id=doc_id,
-                  positions=torch.arange(1, len(tokens), device=tokens.device), gate_weights=record.weights)
+                  positions=torch.arange(1, len(tokens), device=tokens.device), gate_weights=record.weights,
+                  neural_top_logprob=record.neural_top,
+                  model_context=model_context(len(tokens), setup.seq_len, setup.stride))
+    if orders:
+        arrays.update(longest_order=longest, last_seen=last_seen)
     np.savez(path, **{k: v.cpu().numpy() for k, v in arrays.items()}, val_bpb=np.float64(result.val_bpb),
-             val_loss=np.float64(result.val_loss), run_id=np.str_(run_id))
+             val_loss=np.float64(result.val_loss), run_id=np.str_(run_id),
+             expert_names=np.array(expert_names, dtype=np.str_))

@@ -1,10 +1,8 @@
-"""train_gpt.py: a single-file trainer for the OpenAI "parameter golf" challenge, with a *valid*
-n-gram mixer.
+"""train_gpt.py: a single-file trainer for the OpenAI "parameter golf" challenge, with a *valid* mixer.
 
-One run trains a small GPT (<= 10 min on 8xH100) together with a gate that mixes it with
-exact, normalized n-gram experts (ngram_mixer.py), quantizes (GPTQ) and compresses the model
-into a <= 16,000,000-byte artifact, reloads that artifact and scores FineWeb validation in
-bits per byte, twice:
+One run trains a small GPT (<= 10 min on 8xH100) together with a gate that mixes it with exact,
+normalized n-gram experts (ngram_mixer.py), quantizes (GPTQ) and compresses the model into a
+<= 16,000,000-byte artifact, reloads that artifact and scores FineWeb validation in BPB, twice:
   final_<quant>_roundtrip_exact   the reloaded model alone, sliding-window eval
   final_ngram_ttt_exact           + a causal n-gram cache and test-time training, score-then-update
 
@@ -47,9 +45,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
 from ngram_mixer import (ByteTables, CausalityViolation, DocumentCache, EvalBudget, EvalResult, EvalSetup,
-                         LearningConfig, LegalityAudit, LookupPrefetch, NgramTables, TargetRecord,
+                         LearningConfig, LegalityAudit, LookupPrefetch, NgramTables, OnlineGate,
+                         TargetRecord,
                          all_reduce, audit_failures, audit_line, chunk_bounds, eval_val,
                          expert_feature_count, fresh_seed, mixture_logprob, mixture_weights,
+                         no_expert_inputs,
                          prefill_tables, proved_pass, replace_tokens_from, training_expert_inputs,
                          training_lookup_positions, write_eval_dump)
 
@@ -135,6 +135,10 @@ class Hyperparameters:
         self.ngram_loss_weight = float(os.environ.get("NGRAM_LOSS_WEIGHT", 0.1))
         self.ngram_train_stride = int(os.environ.get("NGRAM_TRAIN_STRIDE", 16))  # mixture loss on every N-th target
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
+        # Fraction of the run after which the lookups and the mixture loss begin (0: from the start).
+        self.ngram_train_start = float(os.environ.get("NGRAM_TRAIN_START", 0.0))
+        # The gate alone fitted after training, the model frozen: seconds within the wallclock cap.
+        self.ngram_gate_fit_seconds = float(os.environ.get("NGRAM_GATE_FIT_SECONDS", 0.0))
         # Smoothed experts' absolute discount (bench/experts_bench.py fits 0.871 on 20% of sample).
         self.ngram_discount = float(os.environ.get("NGRAM_DISCOUNT", 0.87))
         # The document cache expert (README): orders 1..NGRAM_DOC_ORDER of the current document.
@@ -185,6 +189,16 @@ class Hyperparameters:
     @property
     def ngram_experts(self) -> int:  # the gate's expert slots: one per table order, and the document cache's
         return len(self.ngram_orders) + bool(self.ngram and self.ngram_doc_order)
+
+    @property
+    def training_wallclock_ms(self) -> float | None:  # the loop's share of the cap; the gate fit's after
+        return (1000.0 * (self.max_wallclock_seconds - self.ngram_gate_fit_seconds)
+                if self.max_wallclock_seconds > 0 else None)
+
+    @property
+    def expert_names(self) -> list[str]:  # the gate's slots, as EVAL_DUMP's gate_weights columns
+        document = ["document"] if self.ngram and self.ngram_doc_order else []
+        return ["neural"] + [f"order{n}" for n in self.ngram_orders] + document
 
     def document_cache(self, bos_id: int) -> DocumentCache | None:
         return (DocumentCache(self.vocab_size, bos_id, self.ngram_doc_order, self.ngram_doc_prior)
@@ -250,6 +264,12 @@ def validate_hyperparameters(args: Hyperparameters, world_size: int) -> None:
     need(1 <= args.ngram_train_stride <= args.train_batch_tokens // MICRO_BATCHES_PER_STEP,
          f"NGRAM_TRAIN_STRIDE={args.ngram_train_stride} must be in "
          f"[1, TRAIN_BATCH_TOKENS / {MICRO_BATCHES_PER_STEP}]")
+    need(0.0 <= args.ngram_train_start <= 1.0,
+         f"NGRAM_TRAIN_START={args.ngram_train_start} must be in [0, 1]")
+    need(args.ngram_gate_fit_seconds >= 0 and (args.max_wallclock_seconds <= 0 or
+                                               args.ngram_gate_fit_seconds < args.max_wallclock_seconds),
+         f"NGRAM_GATE_FIT_SECONDS={args.ngram_gate_fit_seconds} must be >= 0 and below "
+         f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
     need(args.logit_softcap > 0, f"LOGIT_SOFTCAP={args.logit_softcap} must be positive")
     need(args.iterations >= 0 and args.warmup_steps >= 0,
          "ITERATIONS and WARMUP_STEPS must be >= 0")
@@ -285,12 +305,10 @@ def zeropower_via_newtonschulz5(grad: Tensor, steps: int, eps: float = 1e-7,
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD-momentum (Nesterov) whose update is orthogonalized. Parameters
-    are dealt round-robin to ranks; each rank orthogonalizes its share
-    and one all-reduce of a flat buffer gives every rank every update.
-    row_normalize: MuonEq-R (PR #1493), each row of the
-    momentum scaled to unit norm before Newton-Schulz.
-    weight_decay: decoupled, p *= 1 - lr * wd (PR #1493)."""
+    """SGD-momentum (Nesterov) whose update is orthogonalized. Parameters are dealt round-robin
+    to ranks; each rank orthogonalizes its share and one all-reduce of a flat buffer gives every
+    rank every update. row_normalize: MuonEq-R (PR #1493), each row of the momentum scaled to
+    unit norm before Newton-Schulz. weight_decay: decoupled, p *= 1 - lr * wd (PR #1493)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int,
                  row_normalize: bool = False, polar_express: bool = False,
@@ -367,8 +385,8 @@ def training_progress(args: Hyperparameters, step: int, elapsed_ms: float) -> fl
     """Fraction of the run done: steps of ITERATIONS or, under
     a wallclock cap, elapsed time, whichever is ahead."""
     frac = step / args.iterations if args.iterations > 0 else 1.0
-    if args.max_wallclock_seconds > 0:
-        frac = max(frac, elapsed_ms / (1000.0 * args.max_wallclock_seconds))
+    if args.training_wallclock_ms is not None:
+        frac = max(frac, elapsed_ms / args.training_wallclock_ms)
     return min(frac, 1.0)
 
 
@@ -684,6 +702,9 @@ class GPT(nn.Module):
         self.logit_softcap = args.logit_softcap
         self.neural_floor, self.mixture_loss_weight = (args.ngram_neural_floor,
                                                        args.ngram_loss_weight)
+        # 0 before NGRAM_TRAIN_START: the gate runs on empty experts with no loss weight, so every
+        # step has the same graph and DDP sees a (zero) gradient for every parameter.
+        self.register_buffer("mixture_on", torch.tensor(1.0), persistent=False)
         # the rows of the step's one lookup (ngram_mixer.training_lookup_positions)
         self.mixture_rows = slice(args.ngram_train_stride - 1, None, args.ngram_train_stride)
         self.tok_emb = nn.Embedding(args.vocab_size, model_dim)
@@ -784,7 +805,8 @@ class GPT(nn.Module):
         weights = mixture_weights(self.gate_logits(h, expert_features), expert_valid,
                                   self.neural_floor)
         mix_nll = -mixture_logprob(neural_lp, expert_probs, expert_valid, weights).mean()
-        return ce + self.mixture_loss_weight * mix_nll, ce.detach(), mix_nll.detach()
+        return (ce + self.mixture_loss_weight * self.mixture_on * mix_nll, ce.detach(),
+                mix_nll.detach())
 
 
 # ----------------------------- EVALUATION -----------------------------
@@ -1143,13 +1165,16 @@ class Trainer:
     lookup_positions: Tensor  # segment positions of the step's mixture targets, micro-batch order
     ema: EMA | None  # the exponential moving average of the weights, which is exported
     prefetch: LookupPrefetch  # the next step's batch, made while the device runs this one
+    # Expert inputs that hold no expert (all invalid), for steps before NGRAM_TRAIN_START.
+    no_experts: tuple
+    mixing: bool = True  # whether next_batch looks up the experts (NGRAM_TRAIN_START reached)
 
 
 def next_batch(run: Run, trainer: Trainer) -> tuple[Tensor, tuple]:
     """The next step's segment and its mixture targets' expert inputs (empty without the mixer)."""
     args, loader, tables = run.args, trainer.loader, trainer.tables
     segment, start = loader.next_step()
-    if tables is None:
+    if tables is None or not trainer.mixing:
         return segment, ()
     return segment, training_expert_inputs(tables, segment, start, loader.stream.total_tokens,
                                            trainer.prefill_tokens, trainer.lookup_positions,
@@ -1163,6 +1188,8 @@ def train_step(run: Run, trainer: Trainer) -> Tensor:
     args, loader = run.args, trainer.loader
     stats = torch.zeros(3, device=run.device)
     segment, experts = trainer.prefetch.take(lambda: next_batch(run, trainer))
+    trainer.base_model.mixture_on.fill_(float(bool(experts)))
+    experts = experts or trainer.no_experts
     n_micro = len(loader.span_starts)
     # each micro-batch's share: probs, valid [K, P / n_micro] and features [P / n_micro, F]
     per_micro = (zip(experts[0].chunk(n_micro, 1), experts[1].chunk(n_micro, 1),
@@ -1216,8 +1243,11 @@ def build_trainer(run: Run, train_files: list[Path]) -> Trainer:
     lookup_positions = training_lookup_positions(loader.span_starts, local_tokens,
                                                  args.ngram_train_stride, run.device)
     ema = EMA(base_model, args.ema_decay) if args.ema_decay > 0 else None
+    no_experts = () if tables is None else no_expert_inputs(
+        args.ngram_experts, len(lookup_positions),
+        expert_feature_count(len(args.ngram_orders), args.ngram_doc_order), run.device)
     return Trainer(model, base_model, build_optimizers(args, base_model), loader, tables,
-                   prefill_tokens, lookup_positions, ema, LookupPrefetch(run.device))
+                   prefill_tokens, lookup_positions, ema, LookupPrefetch(run.device), no_experts)
 
 
 def warm_up(run: Run, trainer: Trainer, train_files: list[Path]) -> None:
@@ -1263,8 +1293,7 @@ def train_model(run: Run) -> Trainer:
             f"ngram_orders:{list(args.ngram_orders)}")
     warm_up(run, trainer, train_files)
     val_setup = build_eval_setup(run, trainer.base_model, args.train_seq_len)
-    max_wallclock_ms = (1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0
-                        else None)
+    max_wallclock_ms = args.training_wallclock_ms
     stop_after_step, step = None, 0
     run.sync()
     t0 = time.perf_counter()
@@ -1286,8 +1315,10 @@ def train_model(run: Run) -> Trainer:
                         f"step:{step}/{args.iterations}")
             break
         elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
-        trainer.base_model.set_recurrence(training_progress(args, step, elapsed_ms)
-                                          >= args.enable_looping_at)
+        progress = training_progress(args, step, elapsed_ms)
+        trainer.base_model.set_recurrence(progress >= args.enable_looping_at)
+        # the lookup is made a step ahead (prefetch): the mixture starts one step after this
+        trainer.mixing = progress >= args.ngram_train_start
         stats = train_step(run, trainer)
         optimizer_step(args, trainer, step, lr_scale(args, step, elapsed_ms))
         if trainer.ema is not None:
@@ -1312,8 +1343,45 @@ def train_model(run: Run) -> Trainer:
             run.log(f"step:{step}/{args.iterations} train_loss:{ce:.4f} "
                     f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms"
                     + (f" mix_nll:{mix_nll:.4f}" if args.ngram_orders else ""))
+    if trainer.tables is not None and args.ngram_gate_fit_seconds > 0:
+        fit_gate(run, trainer, args.ngram_gate_fit_seconds)
     run.log_peak_memory()
     return trainer
+
+
+def fit_gate(run: Run, trainer: Trainer, seconds: float) -> None:
+    """NGRAM_GATE_FIT_SECONDS: after training, the gate alone learns the mixture NLL of further
+    segments (the lookups and leave-future-out tables of training), one Adam step at NGRAM_GATE_LR
+    per segment for `seconds`, on the exported (EMA) weights, frozen; all ranks stop together."""
+    args, model = run.args, trainer.base_model
+    if trainer.ema is not None:
+        model.load_state_dict(trainer.ema.state_dict(model))
+        trainer.ema = None  # the model now holds the exported weights, and the gate is fitted there
+    gate = OnlineGate(model.gate_parameters(), steps=1, lr=args.ngram_gate_lr)
+    trainer.mixing = True
+    trainer.prefetch.reset()
+    run.sync()
+    started, steps = time.perf_counter(), 0
+    while True:
+        over = torch.tensor(float(time.perf_counter() - started >= seconds), device=run.device)
+        if all_reduce(over, dist.ReduceOp.MAX if run.distributed else None).item():
+            break
+        segment, (probs, valid, features) = trainer.prefetch.take(lambda: next_batch(run, trainer))
+        loader, states, neural_lps = trainer.loader, [], []
+        with torch.no_grad(), run.autocast():
+            for start in loader.span_starts:
+                local = segment[start:start + loader.span]
+                h = model.hidden(local[:-1].reshape(-1, args.train_seq_len))
+                h = h.reshape(-1, args.model_dim)[model.mixture_rows]
+                targets = local[1:][model.mixture_rows]
+                neural_lps.append(model.logits(h).log_softmax(-1).gather(1, targets[:, None])[:, 0])
+                states.append(h.float())
+        trainer.prefetch.ahead(lambda: next_batch(run, trainer))
+        gate.remember(trainer.lookup_positions, torch.cat(states), torch.cat(neural_lps), probs,
+                      valid, features)
+        gate.learn(model.gate_logits, model.neural_floor, run.autocast)
+        steps += 1
+    run.log(f"gate_fit steps:{steps} time:{1000.0 * (time.perf_counter() - started):.0f}ms")
 
 
 def write_artifact(run: Run, trainer: Trainer) -> Path:
@@ -1411,8 +1479,8 @@ def evaluate_artifact(run: Run, path: Path) -> None:
                 f"val_bpb:{result.val_bpb:.8f}")
     run.log(f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
     if record is not None and run.rank == 0:
-        write_eval_dump(Path(args.eval_dump), record, result, run.val_tokens, run.byte_tables,
-                        run.bos_id, run.run_id)
+        write_eval_dump(Path(args.eval_dump), record, result, setup, run.bos_id, run.run_id,
+                        args.ngram_orders, args.expert_names)
         run.log(f"eval_dump path:{args.eval_dump} targets:{len(run.val_tokens) - 1}")
     # From reading the artifact to the last score line: what the 600 s evaluation limit counts.
     run.log(f"eval_wallclock:{1000.0 * (time.perf_counter() - started):.0f}ms")

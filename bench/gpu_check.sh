@@ -9,8 +9,9 @@
 #   baseline    ours with configs/baseline_2024.env (NGRAM=0 TTT=0), the same data and steps
 #   stack_plain the competition preset at one GPU's share of the batch (65,536 tokens), NGRAM=0, sp8192 shards
 #               built from the sample text (a tokenizer trained on it: timings, not scores, are comparable)
-#   stack_mixer the same with the mixer on, then the evaluation of the whole 1.04M-token sample with the cache,
-#               the online gate and TTT (its time split by phase) and the artifact's bytes
+#   stack_mixer the same with the mixer on and a gate-only fit after training (NGRAM_GATE_FIT_SECONDS: its
+#               steps per second), then the evaluation of the whole 1.04M-token sample with the cache, the
+#               online gate and TTT (its time split by phase) and the artifact's bytes
 #   ngram_bench bench/ngram_bench.py: the table lookup's and the training call's CUDA rows, the masking twins
 # Read the table: ms/step is the steady state (the second half of the train lines); "reference" against
 # "baseline" is the same model and batch in both trainers; "stack_mixer" against "stack_plain" is the mixer's
@@ -35,6 +36,7 @@ if [[ $MODE == gpu ]]; then
     VOCAB=8192
     SHARE=(TRAIN_BATCH_TOKENS=65536)
     EVAL_TOKENS=0
+    GATE_FIT=10
     LIMIT=150
 else
     # Tiny shapes: the code paths and the table, not the figures.
@@ -44,6 +46,7 @@ else
            LOOP_START=1 LOOP_END=1 PARALLEL_RESIDUAL_START=1 XSA_LAST_N=1 GPTQ_CALIB_BATCHES=2 VAL_BATCH_SIZE=4096
            EVAL_STRIDE=32 EVAL_CHUNK_TOKENS=1024 AUDIT_POSITIONS=8 OMP_NUM_THREADS=1)
     EVAL_TOKENS=8192
+    GATE_FIT=2
     LIMIT=300
 fi
 
@@ -80,7 +83,8 @@ stage baseline $LIMIT env $baseline "${SP1024[@]}" "${COMMON[@]}" ITERATIONS=$ST
 stage stack_plain $LIMIT env "${SPNEW[@]}" "${COMMON[@]}" "${SHARE[@]}" ITERATIONS=$STEPS NGRAM=0 \
     NGRAM_PREFILL_TOKENS=100000 VAL_MAX_TOKENS=65536 TTT=0 RUN_ID=stack_plain python "$ROOT/train_gpt.py"
 stage stack_mixer $((LIMIT * 2)) env "${SPNEW[@]}" "${COMMON[@]}" "${SHARE[@]}" ITERATIONS=$STEPS NGRAM=1 \
-    NGRAM_PREFILL_TOKENS=100000 VAL_MAX_TOKENS=$EVAL_TOKENS EVAL_DUMP="$OUT/stack_mixer.npz" RUN_ID=stack_mixer \
+    NGRAM_PREFILL_TOKENS=100000 NGRAM_GATE_FIT_SECONDS=$GATE_FIT VAL_MAX_TOKENS=$EVAL_TOKENS \
+    EVAL_DUMP="$OUT/stack_mixer.npz" RUN_ID=stack_mixer \
     python "$ROOT/train_gpt.py"
 if [[ $MODE == gpu ]]; then
     stage ngram_bench $LIMIT python "$ROOT/bench/ngram_bench.py" --device cuda

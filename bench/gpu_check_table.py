@@ -21,7 +21,7 @@ def status(out: Path, stage: str) -> str:
 def trainer_row(out: Path, stage: str) -> str:
     log = out / "logs" / f"{stage}.txt"
     if not log.is_file():
-        return f"| {stage} | {status(out, stage)} | | | | |"
+        return f"| {stage} | {status(out, stage)} | | | | | |"
     run = parse_log(log)
     step_ms = f"{run.steady_step_ms:.1f}" if run.steady_step_ms else "-"
     bpb = f"{run.val_bpb:.4f}" if run.val_bpb is not None else "-"
@@ -30,15 +30,18 @@ def trainer_row(out: Path, stage: str) -> str:
     evals = " ".join(f"{k} {phases[k] / 1000:.1f}s" for k in EVAL_PHASES if k in phases) or (
         f"{run.eval_time_ms / 1000:.1f}s" if run.eval_time_ms else "-")
     size = f"{run.bytes_total:,}" if run.bytes_total else "-"
-    return f"| {stage} | {status(out, stage)} | {step_ms} | {bpb} | {evals} | {size} |"
+    fit = log_fields(text, "gate_fit ") if "\ngate_fit " in text else None
+    fit = f"{fit['steps'] / fit['time'] * 1000:.1f}" if fit and fit["time"] else "-"
+    return f"| {stage} | {status(out, stage)} | {step_ms} | {bpb} | {evals} | {size} | {fit} |"
 
 
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     stages = TRAINER_STAGES if mode == "gpu" else TRAINER_STAGES[1:]
     print(f"\ngpu_check ({mode}), logs in {out}\n")
-    print("| stage | status | ms/step (steady) | val_bpb | eval time by phase | bytes (code + model) |")
-    print("|---|---|---|---|---|---|")
+    print("| stage | status | ms/step (steady) | val_bpb | eval time by phase | bytes (code + model) | "
+          "gate-fit steps/s |")
+    print("|---|---|---|---|---|---|---|")
     for stage in stages:
         print(trainer_row(out, stage))
     print(f"\nngram_bench ({status(out, 'ngram_bench')}):")

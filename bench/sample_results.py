@@ -64,7 +64,8 @@ def main():
         ttt = tg.LearningConfig(ttt_epochs, args.ttt_lr, args.ttt_momentum, args.ttt_cosine, args.ttt_grad_clip,
                            gate_steps, args.ngram_gate_eval_lr)
         result = nm.evaluate_stream(setup, bounds, cache, ttt, audit, record)
-        tg.write_eval_dump(workdir / f"{name}.npz", record, result, run.val_tokens, run.byte_tables, run.bos_id, name)
+        nm.write_eval_dump(workdir / f"{name}.npz", record, result, setup, run.bos_id, name,
+                           args.ngram_orders, args.expert_names)
         return result
 
     def audit_text(stats):

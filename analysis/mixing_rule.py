@@ -1,0 +1,157 @@
+"""Linear or log-linear mixing as the model gets stronger: both rules on one n-gram distribution, per artifact.
+
+  python analysis/mixing_rule.py ARTIFACT [ARTIFACT ...] [--env configs/sample_cpu.env] [--max-tokens 262144]
+                                 [--samples 4096]
+
+For each artifact: the trainer's evaluation without TTT (ngram_mixer.evaluate_stream with the empty causal cache and
+the online gate as configured) over the first --max-tokens val tokens. At --samples targets drawn uniformly it keeps
+the full distributions over the vocabulary as they were when the target was scored: the model's log-probabilities,
+and p_ng, the highest table order's smoothed n-gram distribution, by enumerating every candidate token through
+ngram_mixer.expert_inputs (the legality audit's method; p_ng backs off to the uniform, so it is > 0 everywhere).
+Three rules score those targets, each a full distribution that sums to 1:
+  gate     the kit's scoring rule as scored: the gate's linear mixture of the model and every expert (reference);
+  linear   (1 - λ) p_model + λ p_ng, one λ;
+  loglin   softmax(log p_model + α log p_ng) over the vocabulary, one α (PR #1642's logits + α log p_ngram).
+λ and α are chosen on the even-numbered samples (a grid) and scored on the odd-numbered ones. Prints per artifact
+the neural BPB on the odd samples and each rule's gain over the model with paired bootstrap intervals over
+documents (records/compare.py), and loglin - linear.
+
+Why offline: the tables keep (context, token) keys, so a context's continuations cannot be listed; a log-linear
+rule's normalizer needs p_ng at all V tokens of every target, V lookups per target at evaluation.
+Unset variables come from --env (the environment wins), as the trainer reads them.
+"""
+import argparse
+import contextlib
+import math
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from devkit import read_env_file  # noqa: E402
+from records.compare import document_ids, paired_bootstrap  # noqa: E402
+
+LAMBDAS = np.linspace(0.0, 0.95, 39)
+ALPHAS = np.linspace(0.0, 1.5, 61)
+
+
+def collector_class(nm):
+    class DistributionCollector(nm.LegalityAudit):
+        """A LegalityAudit's hook into score_span that keeps, at its positions, the scored distributions: target t,
+        the model's log-probabilities [V], log p_ng [V] and the scoring rule's log p(gold)."""
+
+        def __init__(self, positions, cache, setup):
+            super().__init__(positions, seed=0)
+            self.cache, self.setup, self.kept = cache, setup, []
+
+        def check(self, score, rescore, tokens, positions, h, log_probs, scored_lp) -> None:
+            vocab = log_probs.size(1)
+            candidates = torch.arange(vocab, device=tokens.device)
+            for row in torch.nonzero(torch.isin(positions, self.positions)).flatten().tolist():
+                at_t = torch.full((vocab,), int(positions[row]), device=tokens.device)
+                probs, _, _ = nm.expert_inputs(self.cache, tokens, at_t, self.setup.min_count, candidates,
+                                               discount=self.setup.ngram_discount)
+                total = float(probs[-1].double().sum())
+                if abs(total - 1) > 1e-5:  # float32 experts summed over V
+                    raise RuntimeError(f"p_ng at target {int(positions[row])} sums to {total}, not 1")
+                self.kept.append((int(positions[row]), log_probs[row].double(), probs[-1].double().log(),
+                                  float(scored_lp[row])))
+                self.count += 1
+
+    return DistributionCollector
+
+
+def score_rules(kept, tokens, byte_tables, nm) -> dict:
+    """Per sampled target (in val order): NLL of the model, of the gate's rule, and of linear / loglin at each grid
+    value; bytes and documents."""
+    t = torch.tensor([k[0] for k in kept])
+    neural = torch.stack([k[1] for k in kept])
+    log_png = torch.stack([k[2] for k in kept])
+    gold = tokens[t]
+    neural_gold = neural.gather(1, gold[:, None])[:, 0]
+    png_gold = log_png.gather(1, gold[:, None])[:, 0]
+    linear = torch.stack([-torch.logaddexp(neural_gold + math.log1p(-lam), png_gold + math.log(lam))
+                          if lam > 0 else -neural_gold for lam in LAMBDAS.tolist()])
+    loglin = torch.stack([-(neural_gold + a * png_gold - torch.logsumexp(neural + a * log_png, dim=1))
+                          for a in ALPHAS.tolist()])
+    return dict(neural=-neural_gold.numpy(), gate=-np.array([k[3] for k in kept]), linear=linear.numpy(),
+                loglin=loglin.numpy(), bytes=nm.count_target_bytes(tokens[t - 1], gold, byte_tables).numpy(),
+                docs=document_ids(tokens.numpy())[t.numpy() - 1])
+
+
+def compare_rules(scores: dict, resamples: int) -> dict:
+    fit, held = slice(0, None, 2), slice(1, None, 2)
+    lam = int(scores["linear"][:, fit].sum(1).argmin())
+    alpha = int(scores["loglin"][:, fit].sum(1).argmin())
+    rules = dict(gate=scores["gate"][held], linear=scores["linear"][lam, held], loglin=scores["loglin"][alpha, held])
+    neural, n_bytes, docs = scores["neural"][held], scores["bytes"][held], scores["docs"][held]
+    out = dict(neural_bpb=neural.sum() / (math.log(2) * n_bytes.sum()), lam=float(LAMBDAS[lam]),
+               alpha=float(ALPHAS[alpha]), samples=int(neural.size))
+    for name, nll in rules.items():
+        gain = paired_bootstrap(neural - nll, n_bytes, docs, resamples, 0)
+        out[name] = (gain.delta_bpb, gain.low, gain.high)
+    diff = paired_bootstrap(rules["loglin"] - rules["linear"], n_bytes, docs, resamples, 0)
+    out["loglin_minus_linear"] = (diff.delta_bpb, diff.low, diff.high)
+    return out
+
+
+def evaluate(tg, nm, args, artifact: Path, samples: int) -> dict:
+    device = torch.device("cpu")
+    sp = tg.load_tokenizer(args.tokenizer_path, args.vocab_size)
+    tokens = tg.load_validation_tokens(args.data_path, args.vocab_size, args.val_max_tokens)
+    run = SimpleNamespace(args=args, rank=0, world_size=1, compile_model=False, autocast=contextlib.nullcontext,
+                          val_tokens=tokens, byte_tables=tg.build_byte_tables(sp, args.vocab_size, device),
+                          bos_id=int(sp.bos_id()))
+    setup = tg.build_eval_setup(run, tg.model_from_artifact(args, artifact, device), args.eval_stride)
+    cache = tg.eval_cache(args, device)
+    drawn = torch.randperm(len(tokens) - 1, generator=torch.Generator().manual_seed(0))[:samples] + 1
+    collector = collector_class(nm)(drawn.sort().values, cache, setup)
+    learning = nm.LearningConfig(gate_steps=args.ngram_gate_eval_steps, gate_lr=args.ngram_gate_eval_lr)
+    result = nm.evaluate_stream(setup, tg.chunk_bounds(len(tokens), args.eval_chunk_tokens), cache, learning,
+                                collector)
+    kept = sorted(collector.kept, key=lambda k: k[0])
+    return dict(scores=score_rules(kept, tokens, run.byte_tables, nm), val_bpb=result.val_bpb)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifacts", type=Path, nargs="+")
+    parser.add_argument("--env", type=Path, default=REPO / "configs" / "sample_cpu.env")
+    parser.add_argument("--max-tokens", type=int, default=262_144, help="VAL_MAX_TOKENS (0: the whole val)")
+    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--resamples", type=int, default=2000)
+    opts = parser.parse_args(argv)
+    for name, value in read_env_file(opts.env).items():
+        os.environ.setdefault(name, value)
+    os.environ.update(VAL_MAX_TOKENS=str(opts.max_tokens))
+    import ngram_mixer as nm
+    import train_gpt as tg  # after the environment is set
+
+    args = tg.Hyperparameters()
+    if not args.ngram_orders:
+        raise SystemExit("mixing_rule.py: NGRAM=0: there is no n-gram distribution to mix")
+    lines = ["| artifact | neural BPB (held-out samples) | gate gain | linear gain (λ) | log-linear gain (α) | "
+             "log-linear − linear |", "|---|---|---|---|---|---|"]
+    for artifact in opts.artifacts:
+        out = compare_rules(evaluate(tg, nm, args, artifact, opts.samples)["scores"], opts.resamples)
+
+        def cell(key):
+            value, low, high = out[key]
+            return f"{value:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+        lines.append(f"| {artifact.name} | {out['neural_bpb']:.4f} ({out['samples']}) | {cell('gate')} | "
+                     f"{cell('linear')} ({out['lam']:.3f}) | {cell('loglin')} ({out['alpha']:.3f}) | "
+                     f"{cell('loglin_minus_linear')} |")
+        print(lines[-1], flush=True)
+    report = "\n".join(lines)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
