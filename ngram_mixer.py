@@ -1285,8 +1285,8 @@ class TargetRecord:
     def first_difference(self, other: "TargetRecord", n_targets: int, exact: bool) -> tuple[int, float] | None:
         """first_difference of the two records' per-target arrays, bitwise (exact) or within
         PROOF_CUDA_TOLERANCE: CUDA's TTT backward adds in no fixed order."""
-        return first_difference([self.nll, self.neural_nll, self.weights],
-                                [other.nll, other.neural_nll, other.weights], n_targets,
+        return first_difference([self.nll, self.neural_nll, self.weights, self.neural_top],
+                                [other.nll, other.neural_nll, other.weights, other.neural_top], n_targets,
                                 0.0 if exact else PROOF_CUDA_TOLERANCE)
 
 

@@ -44,14 +44,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ngram_mixer
-from ngram_mixer import (ByteTables, CausalityViolation, DocumentCache, EvalBudget, EvalResult, EvalSetup,
-                         LearningConfig, LegalityAudit, LookupPrefetch, NgramTables, OnlineGate,
-                         TargetRecord,
-                         all_reduce, audit_failures, audit_line, chunk_bounds, eval_val,
-                         expert_feature_count, fresh_seed, mixture_logprob, mixture_weights,
-                         no_expert_inputs,
-                         prefill_tables, proved_pass, replace_tokens_from, training_expert_inputs,
-                         training_lookup_positions, write_eval_dump)
+from ngram_mixer import (ByteTables, CausalityViolation, DocumentCache, EvalBudget, EvalResult,
+                         EvalSetup, LearningConfig, LegalityAudit, LookupPrefetch, NgramTables,
+                         OnlineGate, TargetRecord, all_reduce, audit_failures, audit_line,
+                         chunk_bounds, eval_val, expert_feature_count, fresh_seed, mixture_logprob,
+                         mixture_weights, no_expert_inputs, prefill_tables, proved_pass,
+                         replace_tokens_from, training_expert_inputs, training_lookup_positions,
+                         write_eval_dump)
 
 # ----------------------------- HYPERPARAMETERS -----------------------------
 # Defaults are the SP8192 record stack (PR #1493: 11 x 512, MLP 4x LeakyReLU(0.5)^2, partial RoPE,
@@ -198,7 +197,8 @@ class Hyperparameters:
     @property
     def expert_names(self) -> list[str]:  # the gate's slots, as EVAL_DUMP's gate_weights columns
         document = ["document"] if self.ngram and self.ngram_doc_order else []
-        return ["neural"] + [f"order{n}" for n in self.ngram_orders] + document
+        orders = [f"order{n}" for n in self.ngram_orders]
+        return ["neural"] + orders + document if orders else []
 
     def document_cache(self, bos_id: int) -> DocumentCache | None:
         return (DocumentCache(self.vocab_size, bos_id, self.ngram_doc_order, self.ngram_doc_prior)

@@ -12,9 +12,9 @@ Three rules score those targets, each a full distribution that sums to 1:
   gate     the kit's scoring rule as scored: the gate's linear mixture of the model and every expert (reference);
   linear   (1 - λ) p_model + λ p_ng, one λ;
   loglin   softmax(log p_model + α log p_ng) over the vocabulary, one α (PR #1642's logits + α log p_ngram).
-λ and α are chosen on the even-numbered samples (a grid) and scored on the odd-numbered ones. Prints per artifact
+λ and α are fitted on the even-numbered samples and scored on the odd-numbered ones. Prints per artifact
 the neural BPB on the odd samples and each rule's gain over the model with paired bootstrap intervals over
-documents (records/compare.py), and loglin - linear.
+documents (records/compare.py), and the log-linear rule's gain minus the linear one's.
 
 Why offline: the tables keep (context, token) keys, so a context's continuations cannot be listed; a log-linear
 rule's normalizer needs p_ng at all V tokens of every target, V lookups per target at evaluation.
@@ -30,14 +30,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from scipy import optimize
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from devkit import read_env_file  # noqa: E402
 from records.compare import document_ids, paired_bootstrap  # noqa: E402
 
-LAMBDAS = np.linspace(0.0, 0.95, 39)
-ALPHAS = np.linspace(0.0, 1.5, 61)
+# where the one-parameter rules are searched (scipy's bounded scalar minimization on the fitting half)
+LAMBDA_RANGE = (1e-4, 1 - 1e-4)
+ALPHA_RANGE = (0.0, 2.0)
 
 
 def collector_class(nm):
@@ -67,35 +69,42 @@ def collector_class(nm):
 
 
 def score_rules(kept, tokens, byte_tables, nm) -> dict:
-    """Per sampled target (in val order): NLL of the model, of the gate's rule, and of linear / loglin at each grid
-    value; bytes and documents."""
+    """Per sampled target (in val order): the model's log-probabilities [S, V], log p_ng [S, V], the gate rule's
+    NLL, the gold token, bytes and documents, and the two one-parameter rules as functions of their parameter."""
     t = torch.tensor([k[0] for k in kept])
     neural = torch.stack([k[1] for k in kept])
     log_png = torch.stack([k[2] for k in kept])
-    gold = tokens[t]
-    neural_gold = neural.gather(1, gold[:, None])[:, 0]
-    png_gold = log_png.gather(1, gold[:, None])[:, 0]
-    linear = torch.stack([-torch.logaddexp(neural_gold + math.log1p(-lam), png_gold + math.log(lam))
-                          if lam > 0 else -neural_gold for lam in LAMBDAS.tolist()])
-    loglin = torch.stack([-(neural_gold + a * png_gold - torch.logsumexp(neural + a * log_png, dim=1))
-                          for a in ALPHAS.tolist()])
-    return dict(neural=-neural_gold.numpy(), gate=-np.array([k[3] for k in kept]), linear=linear.numpy(),
-                loglin=loglin.numpy(), bytes=nm.count_target_bytes(tokens[t - 1], gold, byte_tables).numpy(),
+    gold = tokens[t][:, None]
+    neural_gold, png_gold = neural.gather(1, gold)[:, 0], log_png.gather(1, gold)[:, 0]
+    every = torch.ones(1, len(t), dtype=torch.bool)
+
+    def linear(lam: float) -> np.ndarray:  # the kit's own linear rule, with weights fixed at (1 - λ, λ)
+        weights = torch.tensor([[1 - lam, lam]], dtype=torch.float64).expand(len(t), 2)
+        return -nm.mixture_logprob(neural_gold, png_gold.exp()[None], every, weights).double().numpy()
+
+    def loglin(alpha: float) -> np.ndarray:
+        return -(neural_gold + alpha * png_gold - torch.logsumexp(neural + alpha * log_png, dim=1)).numpy()
+
+    return dict(neural=-neural_gold.numpy(), gate=-np.array([k[3] for k in kept]), linear=linear, loglin=loglin,
+                bytes=nm.count_target_bytes(tokens[t - 1], tokens[t], byte_tables).numpy(),
                 docs=document_ids(tokens.numpy())[t.numpy() - 1])
 
 
 def compare_rules(scores: dict, resamples: int) -> dict:
+    """λ and α fitted on the even-numbered samples; every rule's gain over the model on the odd-numbered ones, with
+    paired bootstrap intervals over documents, and log-linear minus linear."""
     fit, held = slice(0, None, 2), slice(1, None, 2)
-    lam = int(scores["linear"][:, fit].sum(1).argmin())
-    alpha = int(scores["loglin"][:, fit].sum(1).argmin())
-    rules = dict(gate=scores["gate"][held], linear=scores["linear"][lam, held], loglin=scores["loglin"][alpha, held])
+    lam, alpha = (optimize.minimize_scalar(lambda x, rule=rule: rule(x)[fit].sum(), bounds=bounds,
+                                           method="bounded", options=dict(xatol=1e-4)).x
+                  for rule, bounds in ((scores["linear"], LAMBDA_RANGE), (scores["loglin"], ALPHA_RANGE)))
+    rules = dict(gate=scores["gate"][held], linear=scores["linear"](lam)[held], loglin=scores["loglin"](alpha)[held])
     neural, n_bytes, docs = scores["neural"][held], scores["bytes"][held], scores["docs"][held]
-    out = dict(neural_bpb=neural.sum() / (math.log(2) * n_bytes.sum()), lam=float(LAMBDAS[lam]),
-               alpha=float(ALPHAS[alpha]), samples=int(neural.size))
+    out = dict(neural_bpb=neural.sum() / (math.log(2) * n_bytes.sum()), lam=float(lam), alpha=float(alpha),
+               samples=int(neural.size))
     for name, nll in rules.items():
         gain = paired_bootstrap(neural - nll, n_bytes, docs, resamples, 0)
         out[name] = (gain.delta_bpb, gain.low, gain.high)
-    diff = paired_bootstrap(rules["loglin"] - rules["linear"], n_bytes, docs, resamples, 0)
+    diff = paired_bootstrap(rules["linear"] - rules["loglin"], n_bytes, docs, resamples, 0)
     out["loglin_minus_linear"] = (diff.delta_bpb, diff.low, diff.high)
     return out
 

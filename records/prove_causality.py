@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from devkit import parse_log  # noqa: E402
 from ngram_mixer import first_difference  # noqa: E402
 
-# The per-target arrays that must not move (EVAL_DUMP's): the system's loss, the model's, the gate's weights.
-COMPARED = ("nll", "neural_nll", "gate_weights")
+# The per-target arrays that must not move (EVAL_DUMP's): the system's loss, the model's, the gate's weights,
+# and the prefix-only analysis fields (the last two only with the mixer on).
+COMPARED = ("nll", "neural_nll", "gate_weights", "neural_top_logprob", "longest_order", "last_seen")
 
 
 def evaluate(trainer: Path, artifact: Path, run_id: str, dump: Path, nproc: int, **settings) -> Path:
@@ -86,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     replaced_log = evaluate(args.trainer, args.artifact, f"causality_{stamp}_replaced", out / "replaced.npz",
                             args.nproc, AUDIT_SEED=audit_seed, VAL_REPLACE_AFTER=after)
     replaced = dict(np.load(out / "replaced.npz"))
-    found = first_difference([torch.from_numpy(plain[name]) for name in COMPARED],
-                             [torch.from_numpy(replaced[name]) for name in COMPARED], after)
+    compared = [name for name in COMPARED if name in plain]
+    found = first_difference([torch.from_numpy(plain[name]) for name in compared],
+                             [torch.from_numpy(replaced[name]) for name in compared], after)
     difference = None if found is None else dict(target=found[0], largest_change=found[1])
     # The replaced stream must really differ after K, or the proof proves nothing.
     moved = int((plain["nll"][after:] != replaced["nll"][after:]).sum())

@@ -101,11 +101,11 @@ def test_mixing_rules_on_a_run_artifact(tmp_path, monkeypatch):
     got = mixing_rule.evaluate(tg, nm, args, tmp_path / "final_model.rules.ptz", samples=64)
     scores = got["scores"]
     assert scores["neural"].size == 64
-    np.testing.assert_allclose(scores["linear"][0], scores["neural"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(scores["loglin"][0], scores["neural"], rtol=0, atol=1e-6)  # float32 log_softmax
-    assert np.isfinite(scores["loglin"]).all() and np.isfinite(scores["linear"]).all()
+    np.testing.assert_allclose(scores["linear"](0.0), scores["neural"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores["loglin"](0.0), scores["neural"], rtol=0, atol=1e-6)  # float32 log_softmax
+    assert np.isfinite(scores["loglin"](1.0)).all() and np.isfinite(scores["linear"](0.5)).all()
     out = mixing_rule.compare_rules(scores, resamples=100)
-    assert out["samples"] == 32 and 0 <= out["lam"] <= 0.95 and 0 <= out["alpha"] <= 1.5
+    assert out["samples"] == 32 and 0 < out["lam"] < 1 and 0 <= out["alpha"] <= 2
 
 
 def test_mixer_gain_names_a_dump_without_its_fields(tmp_path):
