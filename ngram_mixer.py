@@ -1271,7 +1271,9 @@ class TargetRecord:
                                        for _ in range(3))
         weights = torch.zeros(n_targets + 1, n_weights, dtype=torch.float32, device=device)
         self.rows = (nll, neural_nll, weights, neural_top)
-        self.nll, self.neural_nll, self.weights, self.neural_top = (row[:n_targets] for row in self.rows)
+        # the per-target arrays (views of the rows without the spare one), all compared by the causality proof
+        self.columns = tuple(row[:n_targets] for row in self.rows)
+        self.nll, self.neural_nll, self.weights, self.neural_top = self.columns
 
     def store(self, positions: Tensor, log_probs: Tensor, neural_lp: Tensor, mixed_lp: Tensor,
               weights: Tensor | None) -> None:
@@ -1285,8 +1287,7 @@ class TargetRecord:
     def first_difference(self, other: "TargetRecord", n_targets: int, exact: bool) -> tuple[int, float] | None:
         """first_difference of the two records' per-target arrays, bitwise (exact) or within
         PROOF_CUDA_TOLERANCE: CUDA's TTT backward adds in no fixed order."""
-        return first_difference([self.nll, self.neural_nll, self.weights, self.neural_top],
-                                [other.nll, other.neural_nll, other.weights, other.neural_top], n_targets,
+        return first_difference(list(self.columns), list(other.columns), n_targets,
                                 0.0 if exact else PROOF_CUDA_TOLERANCE)
 
 
@@ -1539,7 +1540,7 @@ def evaluate_stream(setup: EvalSetup, bounds: list[int], cache: NgramTables | No
     time_ms["total"] = sum(time_ms.values())
     neural_nll, nll, n_bytes, n_tokens = all_reduce(sums).tolist()
     check_scored_once(setup, end, n_bytes)
-    for tensor in (record.nll, record.neural_nll, record.weights, record.neural_top) if record is not None else ():
+    for tensor in record.columns if record is not None else ():
         all_reduce(tensor)  # every target was written by exactly one rank, the others hold zeros there
     return EvalResult(nll / n_tokens, nll / math.log(2.0) / n_bytes, neural_nll / n_tokens, int(n_tokens),
                       int(n_bytes), time_ms, audit.reduce() if audit is not None else None)

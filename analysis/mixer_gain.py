@@ -112,11 +112,16 @@ def format_table(rows: list[dict], dump: dict, path: Path) -> str:
     return "\n".join(lines)
 
 
-def plot_split(rows: list[dict], title: str, out: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (imported only when a picture is asked for)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_split(rows: list[dict], title: str, out: Path) -> None:
+    plt = pyplot()
     split_names = list(dict.fromkeys(r["split"] for r in rows))
     fig, axes = plt.subplots(1, len(split_names), figsize=(5 * len(split_names), 3.6))
     for ax, split in zip(np.atleast_1d(axes), split_names):
@@ -192,10 +197,7 @@ def format_ladder(points: list[dict], fit: dict) -> str:
 
 
 def plot_ladder(points: list[dict], fit: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     x = [p["neural"] for p in points]
     err = np.array([[p["gain"] - p["gain_low"], p["gain_high"] - p["gain"]] for p in points]).T

@@ -65,16 +65,16 @@ def main():
     label = f"wall{args.wallclock:g}" if args.wallclock else "steps"
     print(f"{'run':>24} {'steps':>6} {'train s':>8} {'fit s':>6} {'neural':>8} {'system':>8}   ΔBPB vs start0 [95%]")
     for seed in args.seeds.split(","):
-        results = {}
+        reference = None  # start0's dump of this seed
         for name in chosen:
-            results[name] = run_mode(args.out, f"{label}_{name}_seed{seed}", dict(base, **settings[name], SEED=seed))
-            r = results[name]
+            r = run_mode(args.out, f"{label}_{name}_seed{seed}", dict(base, **settings[name], SEED=seed))
             dump = load_dump(r["dump"])
             total_bits = dump["bytes"].sum() * math.log(2)
             text = ""
-            if name != "start0" and "start0" in results:
-                ref = load_dump(results["start0"]["dump"])
-                b = paired_bootstrap(dump["nll"] - ref["nll"], ref["bytes"], ref["doc_id"], 2000, 0)
+            if name == "start0":
+                reference = dump
+            elif reference is not None:
+                b = paired_bootstrap(dump["nll"] - reference["nll"], reference["bytes"], reference["doc_id"], 2000, 0)
                 text = f"{b.delta_bpb:+.4f} [{b.low:+.4f}, {b.high:+.4f}]"
             print(f"{r['run_id']:>24} {r['steps']:>6} {r['train_ms'] / 1000:>8.1f} {r['fit_ms'] / 1000:>6.1f} "
                   f"{dump['neural_nll'].sum() / total_bits:>8.4f} {float(dump['val_bpb']):>8.4f}   {text}",
