@@ -135,7 +135,7 @@ class Hyperparameters:
         self.ngram_train_stride = int(os.environ.get("NGRAM_TRAIN_STRIDE", 16))  # mixture loss on every N-th target
         self.ngram_gate_lr = float(os.environ.get("NGRAM_GATE_LR", 0.004))
         # Fraction of the run after which the lookups and the mixture loss begin (0: from the start).
-        self.ngram_train_start = float(os.environ.get("NGRAM_TRAIN_START", 0.0))
+        self.ngram_train_start = float(os.environ.get("NGRAM_TRAIN_START", 0.9))
         # The gate alone fitted after training, the model frozen: seconds within the wallclock cap.
         self.ngram_gate_fit_seconds = float(os.environ.get("NGRAM_GATE_FIT_SECONDS", 0.0))
         # Smoothed experts' absolute discount (bench/experts_bench.py fits 0.871 on 20% of sample).

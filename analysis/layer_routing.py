@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import string
 import sys
@@ -49,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "analysis")]
 import devkit  # noqa: E402
-from records.compare import document_ids, paired_bootstrap  # noqa: E402
+from records.compare import bpb, document_ids, paired_bootstrap  # noqa: E402
 
 BOS_ID = 1
 
@@ -482,9 +481,6 @@ def main(argv=None) -> None:
         f"{opts.steps} steps x {opts.batch_seqs} x {seq_len} tokens; keep_first={opts.keep_first} of "
         f"{routed.num_layers} layers")
 
-    def bpb(nll: np.ndarray) -> float:
-        return float(nll.sum() / (math.log(2.0) * n_bytes.sum()))
-
     results, per_token, eval_policies = {}, {}, {}
 
     def evaluate(name: str, model: RoutedGPT, policy, **fields) -> None:
@@ -492,7 +488,7 @@ def main(argv=None) -> None:
         executed = model.keep_first + kept.sum(1)
         per_token[name] = (nll, executed, kept.mean(0))
         skip = 1.0 - float(kept.mean())
-        results[name] = dict(fields, val_bpb=bpb(nll), val_loss=float(nll.mean()), mean_executed_layers=float(
+        results[name] = dict(fields, val_bpb=bpb(nll, n_bytes), val_loss=float(nll.mean()), mean_executed_layers=float(
             executed.mean()), skip_ratio=skip)
         log(f"{name}: val_bpb {results[name]['val_bpb']:.4f} executed layers {executed.mean():.3f} skip {skip:.3f}")
 

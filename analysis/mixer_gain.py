@@ -31,7 +31,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from records.compare import load_dump, ratio_bootstrap  # noqa: E402
+from records.compare import bpb, load_dump, ratio_bootstrap  # noqa: E402
 
 # What mixer_gain needs beyond records/compare.py's arrays (train_gpt's EVAL_DUMP writes them with the mixer on).
 GAIN_ARRAYS = ("neural_top_logprob", "model_context", "longest_order", "last_seen", "expert_names")
@@ -98,8 +98,7 @@ def gain_table(dump: dict, resamples: int, seed: int) -> list[dict]:
 
 def format_table(rows: list[dict], dump: dict, path: Path) -> str:
     n_bytes = dump["bytes"].sum()
-    neural = dump["neural_nll"].sum() / (math.log(2) * n_bytes)
-    system = dump["nll"].sum() / (math.log(2) * n_bytes)
+    neural, system = bpb(dump["neural_nll"], dump["bytes"]), bpb(dump["nll"], dump["bytes"])
     lines = [f"{path}: {dump['nll'].size:,} targets, {int(n_bytes):,} bytes, {np.unique(dump['doc_id']).size:,} "
              f"documents; neural {neural:.4f} BPB, system {system:.4f}, gain {neural - system:.4f}",
              "",

@@ -10,14 +10,15 @@ and p_ng, the highest table order's smoothed n-gram distribution, by enumerating
 ngram_mixer.expert_inputs (the legality audit's method; p_ng backs off to the uniform, so it is > 0 everywhere).
 Three rules score those targets, each a full distribution that sums to 1:
   gate     the kit's scoring rule as scored: the gate's linear mixture of the model and every expert (reference);
-  linear   (1 - λ) p_model + λ p_ng, one λ;
+  linear   λ p_model + (1 - λ) p_ng, one λ (records/compare.py's fixed_mixture, as bench/simple_mixture.py);
   loglin   softmax(log p_model + α log p_ng) over the vocabulary, one α (PR #1642's logits + α log p_ngram).
 λ and α are fitted on the even-numbered samples and scored on the odd-numbered ones. Prints per artifact
 the neural BPB on the odd samples and each rule's gain over the model with paired bootstrap intervals over
 documents (records/compare.py), and the log-linear rule's gain minus the linear one's.
 
-Why offline: the tables keep (context, token) keys, so a context's continuations cannot be listed; a log-linear
-rule's normalizer needs p_ng at all V tokens of every target, V lookups per target at evaluation.
+Why offline: the linear rule needs p_ng at the gold token only; the log-linear rule's normalizer needs it at all V
+tokens of every target. A context's continuations are one key range of a table, so that is possible, but the smoothed
+p_ng backs off to dense lower orders: a dense [targets, V] distribution per order, at evaluation and in training.
 Unset variables come from --env (the environment wins), as the trainer reads them.
 """
 import argparse
@@ -35,10 +36,9 @@ from scipy import optimize
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from devkit import read_env_file  # noqa: E402
-from records.compare import document_ids, paired_bootstrap  # noqa: E402
+from records.compare import document_ids, fixed_mixture, paired_bootstrap  # noqa: E402
 
-# where the one-parameter rules are searched (scipy's bounded scalar minimization on the fitting half)
-LAMBDA_RANGE = (1e-4, 1 - 1e-4)
+# where α is searched (scipy's bounded scalar minimization on the fitting half)
 ALPHA_RANGE = (0.0, 2.0)
 
 
@@ -69,23 +69,19 @@ def collector_class(nm):
 
 
 def score_rules(kept, tokens, byte_tables, nm) -> dict:
-    """Per sampled target (in val order): the model's log-probabilities [S, V], log p_ng [S, V], the gate rule's
-    NLL, the gold token, bytes and documents, and the two one-parameter rules as functions of their parameter."""
+    """Per sampled target (in val order): the NLL of the gold token under the model, p_ng and the gate's rule,
+    bytes and documents, and the log-linear rule's NLL as a function of α (its normalizer needs the full [S, V])."""
     t = torch.tensor([k[0] for k in kept])
     neural = torch.stack([k[1] for k in kept])
     log_png = torch.stack([k[2] for k in kept])
     gold = tokens[t][:, None]
     neural_gold, png_gold = neural.gather(1, gold)[:, 0], log_png.gather(1, gold)[:, 0]
-    every = torch.ones(1, len(t), dtype=torch.bool)
-
-    def linear(lam: float) -> np.ndarray:  # the kit's own linear rule, with weights fixed at (1 - λ, λ)
-        weights = torch.tensor([[1 - lam, lam]], dtype=torch.float64).expand(len(t), 2)
-        return -nm.mixture_logprob(neural_gold, png_gold.exp()[None], every, weights).double().numpy()
 
     def loglin(alpha: float) -> np.ndarray:
         return -(neural_gold + alpha * png_gold - torch.logsumexp(neural + alpha * log_png, dim=1)).numpy()
 
-    return dict(neural=-neural_gold.numpy(), gate=-np.array([k[3] for k in kept]), linear=linear, loglin=loglin,
+    return dict(neural=-neural_gold.numpy(), ngram=-png_gold.numpy(), gate=-np.array([k[3] for k in kept]),
+                loglin=loglin,
                 bytes=nm.count_target_bytes(tokens[t - 1], tokens[t], byte_tables).numpy(),
                 docs=document_ids(tokens.numpy())[t.numpy() - 1])
 
@@ -94,10 +90,10 @@ def compare_rules(scores: dict, resamples: int) -> dict:
     """λ and α fitted on the even-numbered samples; every rule's gain over the model on the odd-numbered ones, with
     paired bootstrap intervals over documents, and log-linear minus linear."""
     fit, held = slice(0, None, 2), slice(1, None, 2)
-    lam, alpha = (optimize.minimize_scalar(lambda x, rule=rule: rule(x)[fit].sum(), bounds=bounds,
-                                           method="bounded", options=dict(xatol=1e-4)).x
-                  for rule, bounds in ((scores["linear"], LAMBDA_RANGE), (scores["loglin"], ALPHA_RANGE)))
-    rules = dict(gate=scores["gate"][held], linear=scores["linear"](lam)[held], loglin=scores["loglin"](alpha)[held])
+    lam, linear = fixed_mixture(scores["neural"], scores["ngram"], fit)
+    alpha = optimize.minimize_scalar(lambda x: scores["loglin"](x)[fit].sum(), bounds=ALPHA_RANGE, method="bounded",
+                                     options=dict(xatol=1e-4)).x
+    rules = dict(gate=scores["gate"][held], linear=linear[held], loglin=scores["loglin"](alpha)[held])
     neural, n_bytes, docs = scores["neural"][held], scores["bytes"][held], scores["docs"][held]
     out = dict(neural_bpb=neural.sum() / (math.log(2) * n_bytes.sum()), lam=float(lam), alpha=float(alpha),
                samples=int(neural.size))

@@ -13,7 +13,6 @@ against the artifact's own gate.
 """
 import argparse
 import copy
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ngram_mixer as nm  # noqa: E402
 from devkit import read_env_file  # noqa: E402
-from records.compare import document_ids, paired_bootstrap  # noqa: E402
+from records.compare import bpb, document_ids, paired_bootstrap  # noqa: E402
 
 SETTINGS = "1:0.001,1:0.004,4:0.004,4:0.01,16:0.01"  # Adam steps per chunk : learning rate, comma-separated
 
@@ -100,15 +99,12 @@ def main() -> None:
         own = torch.cat([mixture_nll(tg, data["model"], c) for c in chunks]).numpy()
     neural = -torch.cat([c[2] for c in chunks]).double().numpy()
 
-    def bpb(nll):
-        return float(nll.sum() / math.log(2) / n_bytes.sum())
-
-    print(f"{opts.artifact}: {len(tokens) - 1:,} targets; neural {bpb(neural):.4f}, own gate {bpb(own):.4f}")
+    print(f"{opts.artifact}: {len(tokens) - 1:,} targets; neural {bpb(neural, n_bytes):.4f}, own gate {bpb(own, n_bytes):.4f}")
     for steps, lr in (item.split(":") for item in opts.settings.split(",")):
         steps, lr = int(steps), float(lr)
         nll = online(tg, data["model"], chunks, steps, lr).numpy()
         diff = paired_bootstrap(nll - own, n_bytes, docs, resamples=2000)
-        print(f"online gate, {steps} Adam steps of lr {lr} per chunk: {bpb(nll):.4f}  "
+        print(f"online gate, {steps} Adam steps of lr {lr} per chunk: {bpb(nll, n_bytes):.4f}  "
               f"- own gate {diff.delta_bpb:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]", flush=True)
 
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from devkit import read_env_file  # noqa: E402
-from records.compare import document_ids, ratio_bootstrap  # noqa: E402
+from records.compare import bpb, document_ids, ratio_bootstrap  # noqa: E402
 
 BOS_ID = 1
 PROBE_HORIZONS = (1, 2, 3, 4)
@@ -226,7 +226,6 @@ def extract_features(model, tokens: Tensor, seq_len: int, stride: int, windows_p
     """Run the frozen model over sliding windows exactly as train_gpt.score_span does (window_schedule; stride =
     seq_len gives non-overlapping windows) and keep every layer row's state for each scored target."""
     import ngram_mixer as nm
-    import train_gpt as tg  # imported by the caller after the environment is set (see main)
 
     model.eval()
     start, lo, hi = nm.window_schedule(1, len(tokens), seq_len, stride)
@@ -259,11 +258,10 @@ def causal_cache_experts(tokens: Tensor, vocab_size: int, orders, chunk_tokens: 
     train_gpt.evaluate_stream sees them: the cache starts empty, each target also counts its chunk's earlier
     tokens, and the cache receives each chunk only after the chunk has been scored."""
     import ngram_mixer as nm
-    import train_gpt as tg
     from ngram_mixer import NgramTables
 
     cache = NgramTables(vocab_size, (1,) + tuple(orders))
-    bounds = tg.chunk_bounds(len(tokens), chunk_tokens)
+    bounds = nm.chunk_bounds(len(tokens), chunk_tokens)
     probs, valid, features = [], [], []
     for first, end in zip(bounds[:-1], bounds[1:]):
         p, v, f = nm.expert_inputs(cache, tokens, torch.arange(first, end), min_count, discount=discount,
@@ -388,7 +386,6 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     leave-future-out view) with the neural model frozen, scored as the full mixture with the causal val cache (no
     TTT). The offline gates read hidden states only; the artifact's own gate also reads the count features."""
     import ngram_mixer as nm
-    import train_gpt as tg
     from ngram_mixer import NgramTables, mixture_logprob, mixture_weights
 
     orders = args.ngram_orders
@@ -410,9 +407,6 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     floor = model.neural_floor
     val_bytes = nm.count_target_bytes(val_tokens[val.positions - 1], val_tokens[val.positions], byte_tables).double()
     docs = document_ids(val_tokens.numpy())[val.positions - 1]
-
-    def bpb(nll: Tensor) -> float:
-        return float(nll.sum() / math.log(2.0) / val_bytes.sum())
 
     # The gate probe's target: which slot gives the gold token the most probability.
     probe_train = best_expert(train.neural_logprob, train_probs, train_valid)
@@ -442,8 +436,8 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
                                  for i in torch.arange(len(val.positions)).split(BATCH_ROWS)])
             runs.append(dict(nll=nll, mass=gate.router.weights().detach().tolist()))
         per_token[variant] = torch.stack([r["nll"] for r in runs]).mean(0)
-        per_variant[variant] = dict(bpb_per_seed=[bpb(r["nll"]) for r in runs],
-                                    bpb=float(np.mean([bpb(r["nll"]) for r in runs])),
+        per_variant[variant] = dict(bpb_per_seed=[bpb(r["nll"], val_bytes) for r in runs],
+                                    bpb=float(np.mean([bpb(r["nll"], val_bytes) for r in runs])),
                                     val_loss=float(np.mean([float(r["nll"].mean()) for r in runs])),
                                     router_mass=np.mean([r["mass"] for r in runs], axis=0).tolist())
     weights = (val_bytes * math.log(2.0)).numpy()
@@ -452,7 +446,7 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     intervals = {f"{a}-{b}": paired_bootstrap((per_token[a] - per_token[b]).numpy(), docs, weights) for a, b in pairs}
     return dict(probe_target_share=np.bincount(probe_val.numpy(), minlength=1 + args.ngram_experts).tolist(),
                 probe_scores=probe_scores, router_init_scores=router_scores, variants=per_variant,
-                own_gate=dict(bpb=bpb(own_nll), val_loss=float(own_nll.mean())), paired_bootstrap_bpb=intervals,
+                own_gate=dict(bpb=bpb(own_nll, val_bytes), val_loss=float(own_nll.mean())), paired_bootstrap_bpb=intervals,
                 scored_tokens=len(val.positions), scored_bytes=int(val_bytes.sum()),
                 train_tokens=len(train.positions), prefill_tokens=prefill_tokens, orders=list(orders))
 
@@ -562,11 +556,11 @@ def main(argv=None) -> dict:
         result["gate"] = gate_comparison(model, args, train, train_stream, prefill_tokens, val, val_tokens, byte_tables,
                                          document, opts.seeds, opts.top_m, opts.epochs, opts.lr, opts.router_lr)
         # The offline mixture must be train_gpt's own evaluation (cache, no TTT) with the artifact's gate.
-        setup = tg.EvalSetup(model, model.hidden, val_tokens, byte_tables, args.train_seq_len, args.eval_stride,
+        setup = nm.EvalSetup(model, model.hidden, val_tokens, byte_tables, args.train_seq_len, args.eval_stride,
                              max(1, args.val_batch_size // args.train_seq_len), 0, 1, args.ngram_min_count,
                              ngram_discount=args.ngram_discount, document=document)
-        reference = nm.evaluate_stream(setup, tg.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
-                                      tg.NgramTables(args.vocab_size, (1,) + args.ngram_orders), tg.LearningConfig())
+        reference = nm.evaluate_stream(setup, nm.chunk_bounds(len(val_tokens), args.eval_chunk_tokens),
+                                      nm.NgramTables(args.vocab_size, (1,) + args.ngram_orders), nm.LearningConfig())
         result["gate"]["own_gate"]["train_gpt_eval_bpb"] = reference.val_bpb
         result["gate"]["own_gate"]["abs_diff_vs_train_gpt_eval"] = abs(reference.val_bpb -
                                                                        result["gate"]["own_gate"]["bpb"])

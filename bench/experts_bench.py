@@ -13,12 +13,11 @@ distributions; bytes from train_gpt's build_byte_tables / count_target_bytes.
                   the bench checks that the chunked library path gives the same counts as one whole-stream call.
 Fitted parameters (the backoff epsilon of the unsmoothed ML experts, discounts, the fixed lambda, the gate) are
 chosen on the first 20% of targets; BPB is reported on all targets and on the last 80%. 95% intervals are paired
-bootstrap intervals over documents (a document starts at each BOS id 1), scipy.stats.bootstrap.
+bootstrap intervals over documents (a document starts at each BOS id 1), records/compare.py's.
 The neural per-target NLL (and the entropy / max log-prob the bench gate reads) comes from train_gpt's sliding
 windows (TRAIN_SEQ_LEN / EVAL_STRIDE of configs/sample_cpu.env), computed once and cached in --neural-cache.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -26,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import optimize, stats
+from scipy import optimize
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import devkit  # noqa: E402
 import ngram_mixer as nm  # noqa: E402
+from records.compare import bpb, document_ids, fixed_mixture, paired_bootstrap  # noqa: E402
 
 CHUNK = 16384
 FIT_FRACTION = 0.2
@@ -118,10 +118,6 @@ def today_probs(counts, orders, min_count, epsilon):
     return (1 - epsilon) * ml + epsilon * unigram
 
 
-def bits(nll, n_bytes):
-    return float(nll.sum() / math.log(2) / n_bytes.sum())
-
-
 def fit_scalar(loss, lo, hi):
     return optimize.minimize_scalar(loss, bounds=(lo, hi), method="bounded", options=dict(xatol=1e-4)).x
 
@@ -149,19 +145,6 @@ def fit_gate(log_probs, features, fit):
     opt.step(closure)
     with torch.no_grad():
         return nll(slice(None)).numpy()
-
-
-def paired_interval(doc, nll_a, nll_b, n_bytes):
-    """BPB(a) - BPB(b) and its paired bootstrap 95% interval over documents."""
-    n_docs = doc.max() + 1
-    per_doc = [np.bincount(doc, weights=w, minlength=n_docs) for w in (nll_a, nll_b, n_bytes)]
-
-    def diff(a, b, nb, axis=-1):
-        return (a.sum(axis) - b.sum(axis)) / math.log(2) / nb.sum(axis)
-
-    res = stats.bootstrap(per_doc, diff, paired=True, vectorized=True, n_resamples=2000, method="percentile",
-                          random_state=np.random.default_rng(0))
-    return diff(*per_doc), res.confidence_interval.low, res.confidence_interval.high
 
 
 def neural_cache_path(artifact: Path) -> Path:
@@ -193,7 +176,7 @@ def main():
     byte_tables = tg.build_byte_tables(tg.load_tokenizer(str(devkit.SAMPLE_TOKENIZER), 1024), 1024, torch.device("cpu"))
     n_bytes = nm.count_target_bytes(tokens[:-1], tokens[1:], byte_tables).double().numpy()
     # target t belongs to the document that holds token t (each BOS id 1 opens one)
-    doc = np.cumsum(tokens.numpy() == 1)[1:] - 1
+    doc = document_ids(tokens.numpy())
     neural = neural_per_target(tg, args.artifact, args.neural_cache)
     n_targets = len(tokens) - 1
     fit, rest = slice(0, int(FIT_FRACTION * n_targets)), slice(int(FIT_FRACTION * n_targets), None)
@@ -225,7 +208,7 @@ def main():
     def report(name, nll):
         results[name] = nll
         keys.append(name)
-        print(f"{name:<62} {bits(nll, n_bytes):.4f}  {bits(nll[rest], n_bytes[rest]):.4f}", flush=True)
+        print(f"{name:<62} {bpb(nll, n_bytes):.4f}  {bpb(nll[rest], n_bytes[rest]):.4f}", flush=True)
 
     print(f"\n{'cache alone (no neural model), every token p > 0':<62} {'BPB':>6}  last80%")
     for label, counts in (("chunk-granular", granular), ("every earlier token", every)):
@@ -264,10 +247,8 @@ def main():
     best_single = expert_lp[7][:, -1]
     for label, cache_lp in (("classical cache (D=0.75, orders 1-5)", classical_lp),
                             ("abs. discounting orders 1-7, fitted D", best_single)):
-        def mix(lam, cache_lp=cache_lp):
-            return -np.logaddexp(np.log(lam) + neural_lp, np.log1p(-lam) + cache_lp)
-        lam = fit_scalar(lambda x: mix(x)[fit].mean(), 1e-3, 1 - 1e-3)
-        report(f"fixed lambda={lam:.3f} mixture, {label}", mix(lam))
+        lam, mixed = fixed_mixture(neural["nll"], -cache_lp, fit)
+        report(f"fixed lambda={lam:.3f} mixture, {label}", mixed)
     neural_features = np.stack([neural["entropy"], neural["max_logprob"]], axis=1)
     for top in (7, 16):
         features = np.concatenate([nm.expert_features(rows(every, top), long_orders[:top]).numpy(), neural_features], 1)
@@ -281,8 +262,8 @@ def main():
     # row indices in the order printed above
     for a, b in ((1, 0), (4, 3), (8, 3), (8, 7), (9, 7), (13, 11), (14, 11), (14, 13), (15, 13), (15, 11)):
         a, b = keys[a], keys[b]
-        delta, low, high = paired_interval(doc, results[a], results[b], n_bytes)
-        print(f"  {a}\n  - {b}: {delta:+.4f} [{low:+.4f}, {high:+.4f}]")
+        diff = paired_bootstrap(results[a] - results[b], n_bytes, doc, 2000, 0)
+        print(f"  {a}\n  - {b}: {diff.delta_bpb:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]")
 
     print(f"\nweak model ({args.weak_artifact.name}) on the first {WEAK_TOKENS} val tokens, in {WEAK_SLICES} slices: "
           "BPB per slice (the gate and lambda fitted on the first 20% of these targets)")
@@ -291,20 +272,16 @@ def main():
     weak_fit = slice(0, int(FIT_FRACTION * n_weak))
     weak_lp = -weak["nll"]
     cached_lp = classical_lp[:n_weak]
-
-    def weak_mix(lam):
-        return -np.logaddexp(np.log(lam) + weak_lp, np.log1p(-lam) + cached_lp)
-
-    lam = fit_scalar(lambda x: weak_mix(x)[weak_fit].mean(), 1e-3, 1 - 1e-3)
+    lam, weak_mixed = fixed_mixture(weak["nll"], -cached_lp, weak_fit)
     features = np.concatenate([nm.expert_features(rows(every, 7), orders).numpy()[:n_weak],
                                np.stack([weak["entropy"], weak["max_logprob"]], axis=1)], 1)
     weak_rows = {"weak neural alone": weak["nll"], "classical cache alone": -cached_lp,
-                 f"fixed lambda={lam:.3f} mixture, classical cache": weak_mix(lam),
+                 f"fixed lambda={lam:.3f} mixture, classical cache": weak_mixed,
                  "gate over weak neural + experts 1-7": fit_gate(
                      np.concatenate([weak_lp[:, None], expert_lp[7][:n_weak]], 1), features, weak_fit)}
     bounds = np.linspace(0, n_weak, WEAK_SLICES + 1).astype(int)
     for name, nll in weak_rows.items():
-        print(f"  {name:<60} " + " ".join(f"{bits(nll[a:b], n_bytes[a:b]):.4f}"
+        print(f"  {name:<60} " + " ".join(f"{bpb(nll[a:b], n_bytes[a:b]):.4f}"
                                          for a, b in zip(bounds[:-1], bounds[1:])))
 
     print("\nper order, counting every earlier token: context seen >= 1 / >= 2, pair seen; distinct n-grams of the "

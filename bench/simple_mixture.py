@@ -13,19 +13,17 @@ records/compare.py) of the full system minus each. These are the two baselines a
 simplest valid mixture, and on a weak model the classical cache alone.
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import optimize
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ngram_mixer as nm  # noqa: E402
 from devkit import SAMPLE_VAL_SHARD  # noqa: E402
-from records.compare import load_dump, paired_bootstrap  # noqa: E402
+from records.compare import bpb, fixed_mixture, load_dump, paired_bootstrap  # noqa: E402
 
 CLASSICAL_ORDERS = (1, 2, 3, 4, 5)
 CLASSICAL_DISCOUNT = 0.75
@@ -38,19 +36,6 @@ def classical_cache_nll(tokens: torch.Tensor, vocab_size: int) -> np.ndarray:
     return -np.log(nm.smoothed_probs(counts, vocab_size, CLASSICAL_DISCOUNT)[-1].double().numpy())
 
 
-def fixed_lambda_nll(neural_nll: np.ndarray, cache_nll: np.ndarray, fit: slice) -> tuple[float, np.ndarray]:
-    def mix(lam):
-        return -np.logaddexp(np.log(lam) - neural_nll, np.log1p(-lam) - cache_nll)
-
-    lam = optimize.minimize_scalar(lambda x: mix(x)[fit].mean(), bounds=(1e-4, 1 - 1e-4), method="bounded",
-                                   options=dict(xatol=1e-5)).x
-    return float(lam), mix(lam)
-
-
-def bpb(nll: np.ndarray, n_bytes: np.ndarray) -> float:
-    return float(nll.sum() / math.log(2) / n_bytes.sum())
-
-
 def report(path: Path, slices: int, vocab_size: int) -> None:
     dump = load_dump(path)
     n_targets = len(dump["nll"])
@@ -61,7 +46,7 @@ def report(path: Path, slices: int, vocab_size: int) -> None:
     n_bytes, docs = dump["bytes"].astype(np.float64), dump["doc_id"]
     fit, rest = slice(0, int(FIT_FRACTION * n_targets)), slice(int(FIT_FRACTION * n_targets), None)
     cache = classical_cache_nll(tokens, vocab_size)
-    lam, fixed = fixed_lambda_nll(dump["neural_nll"], cache, fit)
+    lam, fixed = fixed_mixture(dump["neural_nll"], cache, fit)
     rows = {"neural (the dump)": dump["neural_nll"], "full system (the dump)": dump["nll"],
             "classical cache alone": cache, f"fixed lambda = {lam:.3f}, classical cache": fixed}
     bounds = np.linspace(0, n_targets, slices + 1).astype(int)

@@ -12,7 +12,8 @@ of targets in val order) with replacement, the same units for A and B, and compu
 Σ ΔNLL / (ln 2 · Σ bytes) over the drawn units: the score's own ratio, not a mean of per-unit BPBs. Targets within a
 document are correlated, so resampling single targets would give a falsely narrow interval.
 
-Other tools import the core:  from records.compare import paired_bootstrap   (with the repo root on sys.path)
+Other tools import the core:  from records.compare import paired_bootstrap   (with the repo root on sys.path),
+and the two figures every comparison starts from: bpb (a score) and fixed_mixture (the simplest valid mixture).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import optimize
 
 # Each dump array: its dtype kind ("f" float, "i" int) and number of dimensions.
 DUMP_ARRAYS = dict(nll=("f", 1), neural_nll=("f", 1), bytes=("i", 1), doc_id=("i", 1), positions=("i", 1),
@@ -97,6 +99,25 @@ def ratio_bootstrap(numerator: np.ndarray, denominator: np.ndarray, unit_ids: np
     point = delta_nll.sum(dtype=np.float64) / target_bytes.sum(dtype=np.float64)
     return BootstrapResult(float(point), float(low), float(high), float((deltas < 0).mean()), n_units, resamples,
                            confidence, deltas)
+
+
+def bpb(nll, target_bytes) -> float:
+    """Bits per byte of per-target NLLs [N] (nats) over their bytes [N]: Σ nll / (ln 2 · Σ bytes). numpy or torch."""
+    return float(nll.sum()) / (math.log(2) * float(target_bytes.sum()))
+
+
+def fixed_mixture(model_nll: np.ndarray, other_nll: np.ndarray, fit) -> tuple[float, np.ndarray]:
+    """The simplest valid mixture of two full distributions: λ·p_model + (1 − λ)·p_other at every target, with one λ
+    fitted (bounded scalar search) on the mean NLL of the targets `fit` selects (a slice or index array).
+    model_nll, other_nll [N] nats of the gold token. Returns λ and the mixture's NLL [N] float64 (nats)."""
+    model_lp, other_lp = -np.asarray(model_nll, dtype=np.float64), -np.asarray(other_nll, dtype=np.float64)
+
+    def mixture_nll(lam: float) -> np.ndarray:
+        return -np.logaddexp(np.log(lam) + model_lp, np.log1p(-lam) + other_lp)
+
+    lam = optimize.minimize_scalar(lambda x: mixture_nll(x)[fit].mean(), bounds=(1e-4, 1 - 1e-4), method="bounded",
+                                   options=dict(xatol=1e-5)).x
+    return float(lam), mixture_nll(lam)
 
 
 def document_ids(tokens: np.ndarray, bos_id: int = 1) -> np.ndarray:  # [N] int -> [N - 1] int64

@@ -60,7 +60,7 @@ TINY_ENV = dict(
     NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="4",
     WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0",
     VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="4096", EVAL_STRIDE="32", EVAL_CHUNK_TOKENS="1024",
-    NGRAM_PREFILL_TOKENS="50000", TTT_EPOCHS="1", AUDIT_POSITIONS="32", SEED="1337",
+    NGRAM_PREFILL_TOKENS="50000", NGRAM_TRAIN_START="0", TTT_EPOCHS="1", AUDIT_POSITIONS="32", SEED="1337",
     # The sample is sp1024; a 2-block model loops block 1 once from mid-run; int8 + zstd keeps the baseline's
     # artifact name (int8_zstd) that the log tests read. tests/test_model_stack.py runs the default export.
     VOCAB_SIZE="1024", WARMDOWN_FRAC="0.5", LOOP_START="1", LOOP_END="1", NUM_LOOPS="1", ENABLE_LOOPING_AT="0.5",

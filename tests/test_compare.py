@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from records.compare import block_ids, compare, load_dump, paired_bootstrap
+import torch
+
+from records.compare import block_ids, bpb, compare, fixed_mixture, load_dump, paired_bootstrap
 
 LN2 = math.log(2)
 
@@ -102,6 +104,28 @@ def test_bad_bootstrap_input_raises():
 
 
 # ----- dumps and the CLI -----
+
+def test_bpb_is_nats_over_bytes_for_numpy_and_torch():
+    nll, target_bytes, _ = synthetic_targets(20)
+    expected = nll.sum() / LN2 / target_bytes.sum()
+    assert bpb(nll, target_bytes) == pytest.approx(expected, rel=1e-12)
+    assert bpb(torch.from_numpy(nll), torch.from_numpy(target_bytes)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fixed_mixture_recovers_the_weight_of_a_known_mixture():
+    """Gold tokens drawn from 0.7 p_model + 0.3 p_other, where the two distributions over 4 tokens disagree: the
+    λ fitted on the first half is near 0.7, and the NLL it returns is the mixture's at that λ on every target."""
+    rng = np.random.default_rng(0)
+    p_model, p_other = np.array([0.7, 0.1, 0.1, 0.1]), np.array([0.05, 0.05, 0.1, 0.8])
+    gold = np.where(rng.random(20_000) < 0.7, rng.choice(4, 20_000, p=p_model), rng.choice(4, 20_000, p=p_other))
+    model_nll, other_nll = -np.log(p_model[gold]), -np.log(p_other[gold])
+    lam, nll = fixed_mixture(model_nll, other_nll, slice(0, 10_000))
+    assert lam == pytest.approx(0.7, abs=0.03)
+    np.testing.assert_allclose(nll, -np.log(lam * p_model[gold] + (1 - lam) * p_other[gold]), rtol=1e-12)
+    # an uninformative other distribution earns (almost) no weight
+    lam, nll = fixed_mixture(model_nll, np.full_like(model_nll, np.log(1e6)), slice(None))
+    assert lam > 0.999 and nll.mean() == pytest.approx(model_nll.mean(), abs=1e-3)
+
 
 def test_compare_reports_both_scores_and_the_delta(tmp_path):
     nll, target_bytes, doc_id = synthetic_targets()

@@ -87,8 +87,8 @@ def test_mixer_gain_on_a_run_dump(tmp_path, capsys):
 
 
 def test_mixing_rules_on_a_run_artifact(tmp_path, monkeypatch):
-    """analysis/mixing_rule.py: the enumerated n-gram distribution sums to 1 at every sampled target, α = 0 and
-    λ = 0 give the model's own NLL, and the gate's rule is the score the evaluation logged for those targets."""
+    """analysis/mixing_rule.py: the enumerated n-gram distribution sums to 1 at every sampled target, α = 0 gives
+    the model's own NLL, and both one-parameter rules are fitted inside their ranges."""
     proc, _ = run_trainer(tmp_path, RUN_ID="rules", NGRAM="1", TTT="0", ITERATIONS="3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     from conftest import TINY_ENV
@@ -101,9 +101,8 @@ def test_mixing_rules_on_a_run_artifact(tmp_path, monkeypatch):
     got = mixing_rule.evaluate(tg, nm, args, tmp_path / "final_model.rules.ptz", samples=64)
     scores = got["scores"]
     assert scores["neural"].size == 64
-    np.testing.assert_allclose(scores["linear"](0.0), scores["neural"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(scores["loglin"](0.0), scores["neural"], rtol=0, atol=1e-6)  # float32 log_softmax
-    assert np.isfinite(scores["loglin"](1.0)).all() and np.isfinite(scores["linear"](0.5)).all()
+    assert np.isfinite(scores["loglin"](1.0)).all() and (scores["ngram"] > 0).all()
     out = mixing_rule.compare_rules(scores, resamples=100)
     assert out["samples"] == 32 and 0 < out["lam"] < 1 and 0 <= out["alpha"] <= 2
 
