@@ -90,7 +90,7 @@ def gain_table(dump: dict, resamples: int, seed: int) -> list[dict]:
                 own = ratio_bootstrap(gain * mask, math.log(2) * n_bytes * mask, docs, resamples, seed)
             part = ratio_bootstrap(gain * mask, math.log(2) * n_bytes, docs, resamples, seed)
             rows.append(dict(split=split, group=group, targets=mask.mean(), bytes=n_bytes[mask].sum() / n_bytes.sum(),
-                             own=gain[mask].sum() / (math.log(2) * n_bytes[mask].sum()), own_low=own.low,
+                             own=bpb(gain[mask], n_bytes[mask]), own_low=own.low,
                              own_high=own.high, part=part.delta_bpb, part_low=part.low, part_high=part.high,
                              share=part.delta_bpb / total))
     return rows

@@ -23,7 +23,6 @@ Unset variables come from --env (the environment wins), as the trainer reads the
 """
 import argparse
 import contextlib
-import math
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from scipy import optimize
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from devkit import read_env_file  # noqa: E402
-from records.compare import document_ids, fixed_mixture, paired_bootstrap  # noqa: E402
+from records.compare import bpb, document_ids, fixed_mixture, paired_bootstrap  # noqa: E402
 
 # where α is searched (scipy's bounded scalar minimization on the fitting half)
 ALPHA_RANGE = (0.0, 2.0)
@@ -95,7 +94,7 @@ def compare_rules(scores: dict, resamples: int) -> dict:
                                      options=dict(xatol=1e-4)).x
     rules = dict(gate=scores["gate"][held], linear=linear[held], loglin=scores["loglin"](alpha)[held])
     neural, n_bytes, docs = scores["neural"][held], scores["bytes"][held], scores["docs"][held]
-    out = dict(neural_bpb=neural.sum() / (math.log(2) * n_bytes.sum()), lam=float(lam), alpha=float(alpha),
+    out = dict(neural_bpb=bpb(neural, n_bytes), lam=float(lam), alpha=float(alpha),
                samples=int(neural.size))
     for name, nll in rules.items():
         gain = paired_bootstrap(neural - nll, n_bytes, docs, resamples, 0)

@@ -99,7 +99,8 @@ def main() -> None:
         own = torch.cat([mixture_nll(tg, data["model"], c) for c in chunks]).numpy()
     neural = -torch.cat([c[2] for c in chunks]).double().numpy()
 
-    print(f"{opts.artifact}: {len(tokens) - 1:,} targets; neural {bpb(neural, n_bytes):.4f}, own gate {bpb(own, n_bytes):.4f}")
+    print(f"{opts.artifact}: {len(tokens) - 1:,} targets; neural {bpb(neural, n_bytes):.4f}, "
+          f"own gate {bpb(own, n_bytes):.4f}")
     for steps, lr in (item.split(":") for item in opts.settings.split(",")):
         steps, lr = int(steps), float(lr)
         nll = online(tg, data["model"], chunks, steps, lr).numpy()

@@ -446,7 +446,8 @@ def gate_comparison(model, args, train: Features, train_stream: Tensor, prefill_
     intervals = {f"{a}-{b}": paired_bootstrap((per_token[a] - per_token[b]).numpy(), docs, weights) for a, b in pairs}
     return dict(probe_target_share=np.bincount(probe_val.numpy(), minlength=1 + args.ngram_experts).tolist(),
                 probe_scores=probe_scores, router_init_scores=router_scores, variants=per_variant,
-                own_gate=dict(bpb=bpb(own_nll, val_bytes), val_loss=float(own_nll.mean())), paired_bootstrap_bpb=intervals,
+                own_gate=dict(bpb=bpb(own_nll, val_bytes), val_loss=float(own_nll.mean())),
+                paired_bootstrap_bpb=intervals,
                 scored_tokens=len(val.positions), scored_bytes=int(val_bytes.sum()),
                 train_tokens=len(train.positions), prefill_tokens=prefill_tokens, orders=list(orders))
 

@@ -9,9 +9,10 @@
 #   baseline    ours with configs/baseline_2024.env (NGRAM=0 TTT=0), the same data and steps
 #   stack_plain the competition preset at one GPU's share of the batch (65,536 tokens), NGRAM=0, sp8192 shards
 #               built from the sample text (a tokenizer trained on it: timings, not scores, are comparable)
-#   stack_mixer the same with the mixer on from the first step (its full cost) and a gate-only fit after training (NGRAM_GATE_FIT_SECONDS: its
-#               steps per second), then the evaluation of the whole 1.04M-token sample with the cache, the
-#               online gate and TTT (its time split by phase) and the artifact's bytes
+#   stack_mixer the same with the mixer on from the first step (NGRAM_TRAIN_START=0: its full cost) and a
+#               gate-only fit after training (NGRAM_GATE_FIT_SECONDS: its steps per second), then the
+#               evaluation of the whole 1.04M-token sample with the cache, the online gate and TTT (its time
+#               split by phase) and the artifact's bytes
 #   ngram_bench bench/ngram_bench.py: the table lookup's and the training call's CUDA rows, the masking twins
 # Read the table: ms/step is the steady state (the second half of the train lines); "reference" against
 # "baseline" is the same model and batch in both trainers; "stack_mixer" against "stack_plain" is the mixer's

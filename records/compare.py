@@ -107,7 +107,7 @@ def bpb(nll, target_bytes) -> float:
 
 
 def fixed_mixture(model_nll: np.ndarray, other_nll: np.ndarray, fit) -> tuple[float, np.ndarray]:
-    """The simplest valid mixture of two full distributions: λ·p_model + (1 − λ)·p_other at every target, with one λ
+    """The simplest valid mixture of two full distributions: λ·p_model + (1 − λ)·p_other at every target, one λ
     fitted (bounded scalar search) on the mean NLL of the targets `fit` selects (a slice or index array).
     model_nll, other_nll [N] nats of the gold token. Returns λ and the mixture's NLL [N] float64 (nats)."""
     model_lp, other_lp = -np.asarray(model_nll, dtype=np.float64), -np.asarray(other_nll, dtype=np.float64)
@@ -152,10 +152,10 @@ def load_dump(path: Path) -> dict[str, np.ndarray]:
         if array.dtype.kind != kind or array.ndim != ndim or array.shape[0] != n_targets:
             raise ValueError(f"{path}: {key} has dtype {array.dtype} and shape {array.shape}; expected a {ndim}-D "
                              f"{'float' if kind == 'f' else 'integer'} array of {n_targets} rows (one per target)")
-    bpb = dump["nll"].sum() / (math.log(2) * dump["bytes"].sum())
-    if not math.isclose(bpb, float(dump["val_bpb"]), rel_tol=BPB_REL_TOLERANCE):
-        raise ValueError(f"{path}: Σ nll / (ln 2 Σ bytes) = {bpb:.10f} but val_bpb = {float(dump['val_bpb']):.10f}: "
-                         "the dump is incomplete or not this run's")
+    score = bpb(dump["nll"], dump["bytes"])
+    if not math.isclose(score, float(dump["val_bpb"]), rel_tol=BPB_REL_TOLERANCE):
+        raise ValueError(f"{path}: Σ nll / (ln 2 Σ bytes) = {score:.10f} but val_bpb = "
+                         f"{float(dump['val_bpb']):.10f}: the dump is incomplete or not this run's")
     return dump
 
 
@@ -183,12 +183,11 @@ def compare(path_a: Path, path_b: Path, blocks: int | None, resamples: int, seed
     units = block_ids(a["nll"].size, blocks) if blocks else a["doc_id"]
     result = paired_bootstrap(b["nll"] - a["nll"], a["bytes"], units, resamples, seed)
     unit_name = f"blocks of {blocks} targets" if blocks else "documents"
-    total_bits = math.log(2) * a["bytes"].sum()
 
     def scores(dump: dict) -> str:
         # The neural-only score tells whether a difference comes from the model or from the mixer.
         return (f"(run_id {dump['run_id']}): val_bpb {float(dump['val_bpb']):.6f}, neural only "
-                f"{dump['neural_nll'].sum() / total_bits:.6f}")
+                f"{bpb(dump['neural_nll'], dump['bytes']):.6f}")
 
     return "\n".join([
         f"targets {a['nll'].size:,}, bytes {int(a['bytes'].sum()):,}, {result.units:,} {unit_name}",

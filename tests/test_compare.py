@@ -9,10 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-
-from conftest import REPO_ROOT
 import torch
 
+from conftest import REPO_ROOT
 from records.compare import block_ids, bpb, compare, fixed_mixture, load_dump, paired_bootstrap
 
 LN2 = math.log(2)
